@@ -1,0 +1,29 @@
+# reclip — two commands from nothing: `make reproduce` (the main job) and `make test`.
+# Python 3.11 + pip is all that is needed; everything else goes into .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= toy
+DATASET ?=
+DEVICE ?= auto
+PYTEST_ARGS ?=
+
+.PHONY: venv test reproduce toy-world toy-clip bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1).
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+reproduce: venv
+	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)
+
+clean-venv:
+	rm -rf $(VENV)
