@@ -1,0 +1,214 @@
+"""Tests for reclip_core.bias_analysis on hand-made maps with known biases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reclip_core.bias_analysis import (
+    BiasAccumulator,
+    class_bias,
+    jensen_shannon,
+    space_bias,
+    total_variation,
+)
+
+IGN = 255
+
+
+def halves_target() -> np.ndarray:
+    """8x8: left half class 0, right half class 1."""
+    t = np.zeros((8, 8), np.int64)
+    t[:, 4:] = 1
+    return t
+
+
+def test_class_bias_paint_half_of_class0_as_class1():
+    c = 3  # class 2 never occurs
+    target = halves_target()
+    pred = target.copy()
+    pred[:4, :4] = 1  # half of class 0's 32 pixels painted as class 1
+    # ignored pixels: whatever is predicted there must not count
+    target = np.pad(target, ((0, 2), (0, 0)), constant_values=IGN)
+    pred = np.pad(pred, ((0, 2), (0, 0)), constant_values=2)
+    table, tvd = class_bias(pred, target, c, class_names=["a", "b", "c"])
+    assert list(table["class"]) == ["a", "b", "c"]
+    np.testing.assert_array_equal(table["pred_pixels"], [16, 48, 0])
+    np.testing.assert_array_equal(table["true_pixels"], [32, 32, 0])
+    np.testing.assert_allclose(table["pred_share"], [0.25, 0.75, 0.0])
+    np.testing.assert_allclose(table["true_share"], [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(table["ratio"][:2], [0.5, 1.5])
+    assert math.isnan(table["ratio"][2])
+    assert tvd == pytest.approx(0.25)
+    assert isinstance(tvd, float)
+
+
+def test_ratio_inf_for_predicted_but_absent_class():
+    target = np.zeros((2, 2), np.int64)
+    pred = np.array([[0, 0], [0, 1]])
+    table, tvd = class_bias(pred, target, 2)
+    assert table["ratio"][1] == math.inf
+    assert tvd == pytest.approx(0.25)
+
+
+def test_perfect_prediction_has_no_bias():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 5, size=(3, 12, 10))
+    target[rng.random(target.shape) < 0.1] = IGN
+    pred = np.where(target == IGN, 0, target)
+    _, tvd = class_bias(pred, target, 5)
+    assert tvd == 0.0
+    for div in ("tvd", "js"):
+        res = space_bias(pred, target, 5, grid=4, divergence=div)
+        assert res.score == 0.0
+        np.testing.assert_array_equal(res.per_cell, np.zeros((4, 4)))
+        np.testing.assert_array_equal(res.diff, np.zeros((4, 4, 5)))
+        assert res.cell_pixels.sum() == int((target != IGN).sum())
+
+
+def test_swap_in_top_half_is_pure_space_bias():
+    # Swapping classes 0 and 1 in the top half only keeps the global shares
+    # (class TVD 0) but is maximally wrong in every top cell.
+    target = halves_target()
+    pred = target.copy()
+    pred[:4] = 1 - target[:4]
+    _, tvd = class_bias(pred, target, 2)
+    assert tvd == 0.0
+    res = space_bias(pred, target, 2, grid=4)
+    np.testing.assert_allclose(res.per_cell[:2], 1.0)  # top two cell rows
+    np.testing.assert_allclose(res.per_cell[2:], 0.0)  # bottom two cell rows
+    assert res.score == pytest.approx(0.5)  # half the pixels in cells with TVD 1
+    # top-left cells: truly class 0, predicted class 1 -> diff (-1, +1)
+    np.testing.assert_allclose(res.diff[:2, :2], np.broadcast_to([-1.0, 1.0], (2, 2, 2)))
+    np.testing.assert_allclose(res.diff[:2, 2:], np.broadcast_to([1.0, -1.0], (2, 2, 2)))
+    np.testing.assert_allclose(res.diff[2:], 0.0)
+    np.testing.assert_array_equal(res.cell_pixels, np.full((4, 4), 4))
+    js = space_bias(pred, target, 2, grid=4, divergence="js")
+    assert js.score == pytest.approx(0.5)  # disjoint cells: JS = 1 bit
+
+
+def test_swap_in_top_half_unbalanced_grid2():
+    # target: columns 0-5 class 0, columns 6-7 class 1; pred swaps 0<->1 in rows 0-3.
+    target = np.zeros((8, 8), np.int64)
+    target[:, 6:] = 1
+    pred = target.copy()
+    pred[:4] = 1 - target[:4]
+    # By hand, grid 2 (4x4-pixel cells):
+    #   top-left: true (1, 0), pred (0, 1) -> TVD 1
+    #   top-right: true cols 4,5 class 0 + cols 6,7 class 1 = (.5, .5); swapped -> (.5, .5) -> TVD 0
+    #   bottom cells: exact -> 0.  Pixel-weighted mean = 16 * 1 / 64 = 0.25
+    res = space_bias(pred, target, 2, grid=2)
+    np.testing.assert_allclose(res.per_cell, [[1.0, 0.0], [0.0, 0.0]])
+    assert res.score == pytest.approx(0.25)
+    # class shares: true (48, 16)/64 = (.75, .25); pred: top (8, 24), bottom (24, 8) -> (.5, .5)
+    table, tvd = class_bias(pred, target, 2)
+    np.testing.assert_allclose(table["pred_share"], [0.5, 0.5])
+    assert tvd == pytest.approx(0.25)
+    js = space_bias(pred, target, 2, grid=2, divergence="js")
+    np.testing.assert_allclose(js.per_cell, [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_js_partial_overlap_value():
+    # JS((.5, .5), (1, 0)) in bits = 1.5 - 0.75 * log2(3)  (worked out by hand)
+    expected = 1.5 - 0.75 * math.log2(3)
+    assert float(jensen_shannon([0.5, 0.5], [1.0, 0.0])) == pytest.approx(expected)
+    assert float(total_variation([0.5, 0.5], [1.0, 0.0])) == pytest.approx(0.5)
+    # space bias with one cell (grid 1) reproduces it: true all 0, pred half 1
+    target = np.zeros((2, 2), np.int64)
+    pred = np.array([[0, 1], [0, 1]])
+    assert space_bias(pred, target, 2, grid=1, divergence="js").score == pytest.approx(expected)
+
+
+def test_relative_cells_for_non_divisible_sizes():
+    # H=6, grid 4: rows i=0..5 -> cells floor(i*4/6) = 0,0,1,2,2,3; W=4: one column per cell
+    acc = BiasAccumulator(2, grid=4)
+    acc.update(np.zeros((6, 4), np.int64), np.zeros((6, 4), np.int64))
+    np.testing.assert_array_equal(acc.space_bias().cell_pixels, np.outer([2, 1, 2, 1], [1, 1, 1, 1]))
+    # the same spatial pattern at two sizes lands in the same cells
+    small, big = BiasAccumulator(2, grid=2), BiasAccumulator(2, grid=2)
+    t8 = halves_target()
+    p8 = t8.copy()
+    p8[:4] = 1 - t8[:4]
+    small.update(p8, t8)
+    t12 = np.kron(t8, np.ones((3, 2), np.int64))  # 24x16, same layout
+    p12 = np.kron(p8, np.ones((3, 2), np.int64))
+    big.update(p12, t12)
+    np.testing.assert_allclose(small.space_bias().per_cell, big.space_bias().per_cell)
+    np.testing.assert_allclose(small.space_bias().diff, big.space_bias().diff)
+
+
+def test_streaming_equals_one_shot_and_merge():
+    rng = np.random.default_rng(1)
+    c = 4
+    target = rng.integers(0, c, size=(6, 10, 14))
+    target[rng.random(target.shape) < 0.2] = IGN
+    pred = rng.integers(0, c, size=target.shape)
+    pred[:, :5] = 2  # a space bias: class 2 everywhere in the top half
+    one = space_bias(pred, target, c, grid=3)
+    acc = BiasAccumulator(c, grid=3)
+    for i in range(6):
+        acc.update(torch.from_numpy(pred[i]), torch.from_numpy(target[i]))
+    s = acc.space_bias()
+    assert s.score == pytest.approx(one.score, rel=1e-12)
+    assert s.score > 0.2
+    np.testing.assert_allclose(s.diff, one.diff)
+    # top cells over-predict class 2, bottom cells do not
+    assert (s.diff[0, :, 2] > 0.3).all() and (s.diff[2, :, 2] < 0.1).all()
+    assert acc.class_bias().tvd == pytest.approx(class_bias(pred, target, c).tvd, rel=1e-12)
+    a, b = BiasAccumulator(c, grid=3), BiasAccumulator(c, grid=3)
+    a.update(pred[:2], target[:2])
+    b.update(pred[2:], target[2:])
+    assert a.merge(b) is a
+    np.testing.assert_array_equal(a.pred_counts, acc.pred_counts)
+    np.testing.assert_array_equal(a.true_counts, acc.true_counts)
+    with pytest.raises(ValueError, match="same settings"):
+        a.merge(BiasAccumulator(c, grid=4))
+    a.reset()
+    with pytest.raises(ValueError, match="call update"):
+        a.class_bias()
+
+
+def test_ignore_pixels_do_not_count():
+    target = halves_target()
+    target[0] = IGN
+    pred = np.where(target == IGN, 1, target)
+    res = space_bias(pred, target, 2, grid=2)
+    assert res.score == 0.0
+    assert res.cell_pixels.sum() == 56
+
+
+def test_empty_cells_are_nan_and_weightless():
+    # every pixel of the right half ignored -> right cells empty
+    target = halves_target()
+    target[:, 4:] = IGN
+    pred = np.zeros_like(target)
+    pred[:4, :4] = 1
+    res = space_bias(pred, target, 2, grid=2)
+    assert np.isnan(res.per_cell[:, 1]).all() and np.isnan(res.diff[:, 1]).all()
+    np.testing.assert_allclose(res.per_cell[:, 0], [1.0, 0.0])
+    assert res.score == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "pred, target, match",
+    [
+        (np.zeros(5, np.int64), np.zeros(5, np.int64), "at least 2 dims"),
+        (np.zeros((2, 3), np.int64), np.zeros((3, 2), np.int64), "same shape"),
+        (np.zeros((2, 2), np.float32), np.zeros((2, 2), np.int64), "integer label map"),
+        (np.full((2, 2), 2), np.zeros((2, 2), np.int64), "pred holds labels"),
+    ],
+)
+def test_bad_inputs_raise(pred, target, match):
+    acc = BiasAccumulator(2)
+    with pytest.raises(ValueError, match=match):
+        acc.update(pred, target)
+    assert acc.true_counts.sum() == 0
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        space_bias(np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64), 2, divergence="kl")
+    with pytest.raises(ValueError, match="grid must be a positive int"):
+        BiasAccumulator(2, grid=0)
