@@ -126,6 +126,14 @@ def test_relative_cells_for_non_divisible_sizes():
     acc = BiasAccumulator(2, grid=4)
     acc.update(np.zeros((6, 4), np.int64), np.zeros((6, 4), np.int64))
     np.testing.assert_array_equal(acc.space_bias().cell_pixels, np.outer([2, 1, 2, 1], [1, 1, 1, 1]))
+    # unequal cells: the mean is pixel-weighted. Pixel rows 0-1 (cell row 0, 8 of 24
+    # pixels) predicted wrong -> TVD 1 there -> score 8/24 (an unweighted mean would be 4/16)
+    pred = np.zeros((6, 4), np.int64)
+    pred[:2] = 1
+    res = space_bias(pred, np.zeros((6, 4), np.int64), 2, grid=4)
+    np.testing.assert_allclose(res.per_cell[0], 1.0)
+    np.testing.assert_allclose(res.per_cell[1:], 0.0)
+    assert res.score == pytest.approx(1 / 3)
     # the same spatial pattern at two sizes lands in the same cells
     small, big = BiasAccumulator(2, grid=2), BiasAccumulator(2, grid=2)
     t8 = halves_target()
