@@ -55,6 +55,7 @@ def load_clip(
     - ``arch="ViT-B-16-quickgelu", pretrained="openai"``: the paper's backbone (QuickGELU matters).
     - ``pretrained=None``: random weights (tests, pipelines without downloads).
     - ``pretrained=<file path>``: local open_clip weights (``.safetensors``/``.bin``/``.pt``).
+    - ``arch=<path to an open_clip model-config .json>``: a custom (e.g. small) architecture.
     - ``arch="toy"``: the toy world's small CLIP (``pretrained`` ``"openai"``/``"biased"`` → the
       committed default weights, ``"uniform"`` → the uniformly pretrained ones, a folder → weights
       there, ``None`` → random).
@@ -71,6 +72,10 @@ def load_clip(
             model = load_toy_clip(_toy_weights_dir(pretrained), device="cpu")
         return _freeze(model.to(dev))
 
+    if str(arch).endswith(".json") and os.path.isfile(arch):
+        # A custom architecture as an open_clip model-config file (open_clip's own format).
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise ValueError(
             f"Unknown CLIP architecture {arch!r}. Use 'toy' or one of open_clip.list_models(), "
