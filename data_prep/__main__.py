@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="convert only the first N images per split (a quick check; the manifest says so)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--registry", default=None, metavar="FILE",
+                   help="archive registry to use instead of data_prep/archives.yaml (mirrors, tests)")
     return p
 
 
@@ -66,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         prepare(args.dataset, root, source=args.source, archives_dir=args.archives, cache_dir=args.cache_dir,
                 progress=not args.no_progress, keep_raw=not args.remove_raw,
-                allow_unpinned=not args.require_checksum, force=args.force, limit=args.limit)
+                allow_unpinned=not args.require_checksum, force=args.force, limit=args.limit,
+                registry=args.registry)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         if args.dataset == "cityscapes":
