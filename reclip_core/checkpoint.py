@@ -1,0 +1,201 @@
+"""Checkpoints: safetensors weights + torch optimizer state + a JSON state that commits them.
+
+Layout of a checkpoint folder (``<run>/checkpoints``)::
+
+    step00000120.safetensors   trainable weights and buffers (``model.trainable_state_dict()``)
+    step00000120.optim.pt      optimizer state (``torch.save``; read back with ``weights_only=True``)
+    latest.json                {"weights": "step00000120.safetensors", "optimizer": ..., epoch, step, ...}
+
+Every file goes through :mod:`reclip_core.atomic_io`, and ``latest.json`` is written **last**: it
+is the commit point. A process killed while writing the weights or the optimizer state leaves the
+previous ``latest.json`` pointing at the previous, complete files, so the previous checkpoint stays
+loadable. Older step files are deleted only after the new ``latest.json`` is on disk.
+
+``convert_release_checkpoint`` maps the authors' ``best_weight.pth`` onto our parameter names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from .atomic_io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+
+LATEST = "latest.json"
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: weights (CPU tensors), optimizer state (or None) and the JSON state."""
+
+    weights: Dict[str, torch.Tensor]
+    optimizer: Optional[Dict[str, Any]]
+    state: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+
+
+def _step_name(step: int) -> str:
+    return f"step{int(step):08d}"
+
+
+def save_checkpoint(
+    folder: PathLike,
+    weights: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    optimizer: Optional[Mapping[str, Any]] = None,
+    keep: int = 2,
+) -> Path:
+    """Write weights, optimizer state and ``latest.json`` (in that order) atomically; keep the
+    newest ``keep`` weight/optimizer pairs. ``state`` must be JSON-serialisable and hold ``step``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if "step" not in state:
+        raise ValueError("checkpoint state needs a 'step' entry (the global optimizer step).")
+    json.dumps(dict(state))  # fail before writing anything if the state is not serialisable
+    stem = _step_name(state["step"])
+    weights_file = f"{stem}.safetensors"
+    atomic_save_safetensors(dict(weights), folder / weights_file, metadata={"format": "reclip", "step": str(state["step"])})
+    optim_file = None
+    if optimizer is not None:
+        optim_file = f"{stem}.optim.pt"
+        atomic_torch_save(dict(optimizer), folder / optim_file)
+    record = dict(state)
+    record.update({"format_version": FORMAT_VERSION, "weights": weights_file, "optimizer": optim_file})
+    atomic_write_json(folder / LATEST, record)  # the commit point
+    _prune(folder, keep=max(1, keep), current=stem)
+    return folder / LATEST
+
+
+def _prune(folder: Path, keep: int, current: str) -> None:
+    stems = sorted({m.group(1) for p in folder.iterdir() if (m := re.match(r"(step\d{8})\.", p.name))})
+    doomed = [s for s in stems if s != current][: max(0, len(stems) - keep)]
+    for s in doomed:
+        for suffix in (".safetensors", ".optim.pt"):
+            try:
+                (folder / f"{s}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+
+
+def find_checkpoint(path: PathLike) -> Optional[Path]:
+    """``latest.json`` of a run folder, a checkpoint folder, or the file itself; None if absent."""
+    p = Path(path)
+    for cand in (p, p / LATEST, p / "checkpoints" / LATEST):
+        if cand.is_file() and cand.name == LATEST:
+            return cand
+    return None
+
+
+def load_checkpoint(path: PathLike, load_optimizer: bool = True) -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` (a run folder, its ``checkpoints``
+    folder or ``latest.json``). The optimizer state is read with ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    latest = find_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {LATEST} in it or in its 'checkpoints' "
+                                "folder); train first with `python -m reclip_core train --config ...`.")
+    with open(latest, encoding="utf-8") as f:
+        state = json.load(f)
+    folder = latest.parent
+    weights = load_file(str(folder / state["weights"]), device="cpu")
+    optim = None
+    if load_optimizer and state.get("optimizer"):
+        optim = torch.load(folder / state["optimizer"], map_location="cpu", weights_only=True)
+    return Checkpoint(weights=weights, optimizer=optim, state=state, path=latest)
+
+
+# ------------------------------------------------------------------------------------------------
+# Released checkpoints of the authors
+# ------------------------------------------------------------------------------------------------
+# release name (after stripping "module.") → our ``trainable_state_dict()`` name
+RELEASE_KEY_MAP = {
+    "text_encoder.prompt_token": "reference.tokens",
+    "pe_proj.weight": "positional.proj.weight",
+    "pe_proj.bias": "positional.proj.bias",
+    "decoder_conv2.weight": "decoder.conv.weight",
+    "decoder_conv2.bias": "decoder.conv.bias",
+    "decoder_norm2.weight": "decoder.norm.weight",
+    "decoder_norm2.bias": "decoder.norm.bias",
+    "decoder_norm2.running_mean": "decoder.norm.running_mean",
+    "decoder_norm2.running_var": "decoder.norm.running_var",
+    "decoder_norm2.num_batches_tracked": "decoder.norm.num_batches_tracked",
+}
+
+
+def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+    """The authors' ``best_weight.pth`` → a state dict for ``ReCLIPPP.load_trainable_state_dict``.
+
+    Accepts a path (loaded with ``torch.load(weights_only=True)``) or an already-loaded mapping.
+    Handles a ``{"state_dict": ...}``/``{"model": ...}`` wrapper, the ``module.`` prefix of DDP,
+    and a prompt token stored as [1, 73, D] or [73, D]. Keys of the frozen CLIP are dropped; any
+    other unknown key is ignored with a warning; a missing one raises ``ValueError``.
+    """
+    if isinstance(path_or_state, Mapping):
+        raw = dict(path_or_state)
+    else:
+        p = Path(path_or_state)
+        if not p.is_file():
+            raise FileNotFoundError(f"release checkpoint {p} does not exist.")
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(raw.get(wrapper), Mapping):
+            raw = dict(raw[wrapper])
+    out: Dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in raw.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k in RELEASE_KEY_MAP:
+            t = torch.as_tensor(value).detach().cpu()
+            if k == "text_encoder.prompt_token" and t.ndim == 3:
+                if t.shape[0] != 1:
+                    raise ValueError(f"prompt_token has shape {tuple(t.shape)}; expected [1, n_ctx, D] or [n_ctx, D].")
+                t = t[0]
+            out[RELEASE_KEY_MAP[k]] = t.clone()
+        elif k.startswith(("clip.", "clip_model.", "image_encoder.", "text_encoder.")):
+            continue  # frozen CLIP weights (we load CLIP separately)
+        else:
+            unknown.append(key)
+    if unknown:
+        # Warn rather than fail: we have not seen every variant of the released files, and the
+        # keys we need are checked below.
+        warnings.warn(f"release checkpoint keys ignored (not part of ReCLIP++'s trainable state): {unknown[:10]}"
+                      f"{' ...' if len(unknown) > 10 else ''}", stacklevel=2)
+    missing = [v for k, v in RELEASE_KEY_MAP.items() if v not in out and "num_batches" not in k]
+    if missing:
+        raise ValueError(f"release checkpoint lacks {missing}; is it a ReCLIP++ best_weight.pth?")
+    if "decoder.norm.num_batches_tracked" not in out:
+        out["decoder.norm.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def load_model_weights(model: torch.nn.Module, path: PathLike) -> Dict[str, Any]:
+    """Load trainable weights into ``model`` from a run/checkpoint folder, a ``.safetensors`` file or
+    a release ``.pth``; returns the checkpoint's JSON state (empty for bare files)."""
+    p = Path(path)
+    if find_checkpoint(p) is not None:
+        ck = load_checkpoint(p, load_optimizer=False)
+        model.load_trainable_state_dict(ck.weights)
+        return ck.state
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors.torch import load_file
+
+        model.load_trainable_state_dict(load_file(str(p), device="cpu"))
+        return {}
+    if p.suffix in (".pth", ".pt") and p.is_file():
+        model.load_trainable_state_dict(convert_release_checkpoint(p))
+        return {}
+    raise FileNotFoundError(f"no checkpoint at {p}: pass a run folder, a checkpoints folder, "
+                            "a .safetensors file, or the authors' best_weight.pth.")
+
+
+__all__ = ("Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "convert_release_checkpoint",
+           "load_model_weights", "RELEASE_KEY_MAP")

@@ -1,0 +1,254 @@
+"""Evaluation (method.md §4): whole-image inference at the test size, PD on and off, bilinear
+upsampling to the label size, dataset-level mIoU (both definitions) and the per-class table.
+
+One forward of a ReCLIP++ model gives three segmentations — ``maskclip`` (the frozen CLIP logits,
+the biased baseline), ``rectified`` (CLIP logits − bias map) and ``reclip++`` (the decoder
+output) — so all three are scored in one pass, each with and without PD, into streaming
+:class:`~reclip_core.metrics.SegMetric` confusion matrices (nothing is written per image).
+The model runs in eval mode under ``no_grad``, where it computes the Reference features and the
+bias map once per input size and reuses them.
+
+Choices (documented deviations or unknowns of the release):
+
+* PD is applied to the logits at the token grid, before upsampling (the max over pixels of a
+  bilinear upsampling of the grid can only differ by interpolation of neighbouring logits);
+* the logits are first upsampled to the padded input size, the padding is cropped off, then they
+  are upsampled to the label size (mmseg's order);
+* the last checkpoint is evaluated; no checkpoint is chosen by validation score.
+
+Hypothesis precision/recall against ground truth is here too: labels are read only in this module.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import SegMetric
+from .rectify import presence_filter
+from .transforms import eval_preprocess
+
+#: output key of the model → reported name
+HEAD_KEYS = {"maskclip": "clip_logits", "rectified": "rectified", "reclip++": "logits"}
+
+
+def upsample_logits(logits: torch.Tensor, patch: int, input_hw: Tuple[int, int], label_hw: Tuple[int, int]) -> torch.Tensor:
+    """Grid logits [B, C, h, w] of a (zero-padded) input of size ``input_hw`` → [B, C, *label_hw]:
+    bilinear to the padded input size, crop the padding, bilinear to the label size."""
+    h, w = logits.shape[-2:]
+    x = F.interpolate(logits.float(), size=(h * patch, w * patch), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    if tuple(input_hw) != tuple(label_hw):
+        x = F.interpolate(x, size=tuple(label_hw), mode="bilinear", align_corners=False)
+    return x
+
+
+@dataclass
+class EvalReport:
+    """Metrics per head and PD setting: ``metrics[head]["pd"|"no_pd"]`` is a :class:`SegMetric`."""
+
+    class_names: List[str]
+    metrics: Dict[str, Dict[str, SegMetric]]
+    images: int
+    pd_threshold: float
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> "Any":
+        """DataFrame: one row per head; mIoU (mmseg and release definitions) with PD off and on, pixel acc."""
+        import pandas as pd
+
+        rows = []
+        for head, by_pd in self.metrics.items():
+            row = {"model": head}
+            for tag in ("no_pd", "pd"):
+                m = by_pd[tag]
+                row[f"mIoU_{tag}"] = m.miou()
+                row[f"mIoU_release_{tag}"] = m.miou_release()
+                row[f"aAcc_{tag}"] = m.pixel_accuracy()
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def per_class(self, head: str, pd: bool = False):
+        return self.metrics[head]["pd" if pd else "no_pd"].table(self.class_names)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"images": self.images, "pd_threshold": self.pd_threshold,
+                               "class_names": self.class_names, "info": self.info, "results": {}}
+        for head, by_pd in self.metrics.items():
+            out["results"][head] = {
+                tag: {"mIoU": m.miou(), "mIoU_release": m.miou_release(), "aAcc": m.pixel_accuracy(),
+                      "IoU": [None if math.isnan(v) else v * 100 for v in m.iou().tolist()]}
+                for tag, m in by_pd.items()}
+        return out
+
+    def save(self, folder: os.PathLike) -> Path:
+        """``metrics.json``, ``summary.csv`` and ``per_class_<head>_<pd|no_pd>.csv`` (atomic)."""
+        from .atomic_io import atomic_write_csv, atomic_write_json
+
+        folder = Path(folder)
+        atomic_write_json(folder / "metrics.json", self.to_dict())
+        atomic_write_csv(folder / "summary.csv", self.summary())
+        for head, by_pd in self.metrics.items():
+            for tag, m in by_pd.items():
+                atomic_write_csv(folder / f"per_class_{head.replace('+', 'p')}_{tag}.csv", m.table(self.class_names))
+        return folder
+
+    def format(self) -> str:
+        """Side-by-side text table of the heads (mmseg mIoU, release mIoU; PD off / on)."""
+        lines = [f"{'model':<10} {'mIoU':>7} {'mIoU+PD':>8} {'rel.mIoU':>9} {'rel.+PD':>8}   ({self.images} images, "
+                 f"PD threshold {self.pd_threshold})"]
+        for head, by_pd in self.metrics.items():
+            a, b = by_pd["no_pd"], by_pd["pd"]
+            lines.append(f"{head:<10} {a.miou():7.2f} {b.miou():8.2f} {a.miou_release():9.2f} {b.miou_release():8.2f}")
+        return "\n".join(lines)
+
+
+def _patch(model: nn.Module) -> int:
+    ps = model.clip.visual.patch_size
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    test_size: int,
+    pd_threshold: float,
+    max_long_side: int = 2048,
+    heads: Optional[Sequence[str]] = None,
+    max_images: Optional[int] = None,
+    ignore_index: int = 255,
+    progress: bool = True,
+) -> EvalReport:
+    """Score ``model`` on a labelled split (items ``{"id", "image", "label"}``).
+
+    ``heads`` defaults to every head the model outputs (``maskclip`` always; ``rectified`` and
+    ``reclip++`` for ReCLIP++/ReCLIP). One image at a time, whole-image inference.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = model.clip.visual.conv1.weight.device
+    patch = _patch(model)
+    names = list(model.class_names)
+    C = len(names)
+    metrics: Optional[Dict[str, Dict[str, SegMetric]]] = None
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for i in tqdm(range(n), desc="evaluate", disable=not progress, unit="img"):
+        item = dataset[i]
+        if "label" not in item:
+            raise ValueError("evaluation needs labelled items {'id', 'image', 'label'}: use the validation split.")
+        label = np.asarray(item["label"])
+        x = eval_preprocess(item["image"], test_size, max_long_side).to(device)
+        out = model(images=x)
+        if metrics is None:
+            # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
+            available = ["maskclip"] + (["rectified"] if "rectified" in out else [])
+            available += ["reclip++"] if getattr(model, "use_decoder", False) else []
+            chosen = list(heads) if heads is not None else available
+            bad = [h for h in chosen if h not in available]
+            if bad:
+                raise ValueError(f"heads {bad} are not produced by {type(model).__name__}; available: {available}.")
+            metrics = {h: {"no_pd": SegMetric(C, ignore_index), "pd": SegMetric(C, ignore_index)} for h in chosen}
+        label_t = torch.from_numpy(label.astype(np.int64))
+        for head in metrics:
+            logits = out[HEAD_KEYS[head]]
+            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
+                up = upsample_logits(lg, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
+                metrics[head][tag].update(up.argmax(dim=1)[0].cpu(), label_t)
+    if metrics is None:
+        raise ValueError("the evaluation split is empty.")
+    return EvalReport(names, metrics, n, float(pd_threshold))
+
+
+def evaluate_run(
+    cfg: Mapping[str, Any],
+    checkpoint: Optional[os.PathLike] = None,
+    run_dir: Optional[os.PathLike] = None,
+    dataset=None,
+    clip: Optional[nn.Module] = None,
+    progress: bool = True,
+    save: bool = True,
+) -> EvalReport:
+    """Evaluate a trained run (default: the last checkpoint in ``<run>/checkpoints``) with MaskCLIP,
+    rectification and ReCLIP++ side by side; saves to ``<run>/eval``. Without any checkpoint (none
+    given and none in the run) only MaskCLIP is evaluated."""
+    from .checkpoint import find_checkpoint, load_model_weights
+    from .config import build_dataset
+    from .training import build_model
+
+    run = Path(run_dir) if run_dir is not None else Path(cfg["output_dir"] or Path("runs") / getattr(cfg, "name", "custom"))
+    ck = Path(checkpoint) if checkpoint is not None else (run / "checkpoints" if find_checkpoint(run) else None)
+    if dataset is None:
+        dataset = build_dataset(cfg, cfg["val_split"])
+    info: Dict[str, Any] = {"config": getattr(cfg, "name", "custom")}
+    if ck is None:
+        warnings.warn(f"no checkpoint in {run}: evaluating MaskCLIP only (train first for ReCLIP++).", stacklevel=2)
+        model = build_model(cfg, clip=clip, kind="maskclip")
+    else:
+        model = build_model(cfg, clip=clip)
+        state = load_model_weights(model, ck)
+        info.update(checkpoint=str(ck), epoch=state.get("epoch"), step=state.get("step"), finished=state.get("finished"))
+        if state and not state.get("finished", False):
+            warnings.warn(f"evaluating an unfinished run: checkpoint at epoch {state.get('epoch')} of "
+                          f"{cfg['epoch']}.", stacklevel=2)
+    report = evaluate(model, dataset, cfg["test_size"], cfg["pd_threshold"], cfg["max_long_side"],
+                      max_images=cfg["max_val_images"], progress=progress)
+    report.info.update(info)
+    if save:
+        report.save(run / "eval")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypothesis quality (reads labels: evaluation code only)
+# ------------------------------------------------------------------------------------------------
+def hypothesis_quality(hypotheses: Mapping[str, Sequence[int]], dataset, num_classes: int,
+                       ignore_index: int = 255, max_images: Optional[int] = None) -> Dict[str, Any]:
+    """Precision/recall of image-level hypotheses against the classes present in the labels.
+
+    Micro: over all (image, class) pairs; per class: precision/recall of "class c is in the image".
+    Images of ``dataset`` without a hypothesis are an error (compute them on the same split).
+    """
+    tp = np.zeros(num_classes, dtype=np.int64)
+    fp = np.zeros(num_classes, dtype=np.int64)
+    fn = np.zeros(num_classes, dtype=np.int64)
+    exact, n = 0, len(dataset) if max_images is None else min(len(dataset), max_images)
+    for i in range(n):
+        item = dataset[i]
+        image_id = str(item["id"])
+        if image_id not in hypotheses:
+            raise KeyError(f"no hypothesis for image {image_id!r}: compute hypotheses on this split first.")
+        gt = {int(c) for c in np.unique(np.asarray(item["label"])) if c != ignore_index}
+        pred = {int(c) for c in hypotheses[image_id]}
+        for c in pred & gt:
+            tp[c] += 1
+        for c in pred - gt:
+            fp[c] += 1
+        for c in gt - pred:
+            fn[c] += 1
+        exact += pred == gt
+
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    return {
+        "images": n,
+        "precision": ratio(tp.sum(), tp.sum() + fp.sum()),
+        "recall": ratio(tp.sum(), tp.sum() + fn.sum()),
+        "exact_match": ratio(exact, n),
+        "per_class_precision": [ratio(t, t + f) for t, f in zip(tp, fp)],
+        "per_class_recall": [ratio(t, t + f) for t, f in zip(tp, fn)],
+    }
+
+
+__all__ = ("evaluate", "evaluate_run", "EvalReport", "upsample_logits", "hypothesis_quality", "HEAD_KEYS")

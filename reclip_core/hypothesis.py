@@ -1,0 +1,282 @@
+"""Image-level multi-label hypotheses (pseudo classes) computed once before training (method.md §3).
+
+* ReCLIP++ (``mode="window"``): slide a square window of side ``window`` (int(crop/6)) with step
+  ``stride`` (int(window/2)) over the *original* image; every window is resized to the CLIP's input
+  size and encoded through the class-token path; its top-1 class against the class text features
+  is a vote; the hypothesis is the set of classes with at least one vote. The release runs one
+  forward per window; here windows are packed into batches of ``batch_size`` (across images too),
+  which changes nothing but speed.
+* ReCLIP (``mode="threshold"``): the whole image's score (100·cos) per class; classes at or above
+  ``threshold``, or the ``topk`` best when none passes.
+
+Results are a JSON file keyed by image id (never by position), with the settings that produced
+them. Computation is resumable: ids already in the file are skipped, and the file is rewritten
+atomically every ``save_every`` images. This module never reads a label; hypothesis precision and
+recall against ground truth live in :mod:`reclip_core.evaluation`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .atomic_io import atomic_write_json
+from .backbone import encode_image_cls
+from .transforms import ImageLike, clip_input_size, clip_preprocess, crop_windows, to_image_tensor, window_boxes
+
+FORMAT = "reclip-hypotheses"
+Hypotheses = Dict[str, List[int]]
+
+
+@torch.no_grad()
+def window_vote(
+    clip: nn.Module,
+    images: Iterable[Tuple[str, ImageLike]],
+    text: torch.Tensor,
+    window: int,
+    stride: int,
+    input_size: Optional[int] = None,
+    batch_size: int = 256,
+    ln_eps: Optional[float] = None,
+    cls_token: Any = None,
+) -> Iterator[Tuple[str, List[int]]]:
+    """ReCLIP++ hypotheses: yields ``(id, sorted class indices)`` per image, in input order.
+
+    Windows of consecutive images are packed into CLIP forwards of at most ``batch_size`` windows,
+    so memory is bounded however many windows an image has. ``input_size`` defaults to the CLIP's
+    own pretraining size (224 for ViT-B/16, the toy CLIP's 64).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    size = input_size or clip_input_size(clip)
+    device = clip.visual.conv1.weight.device
+    text = text.to(device)
+    # Queue of (image id, image tensor, box) not yet encoded; per-image vote sets and counts.
+    queue: List[Tuple[int, torch.Tensor, Tuple[int, int]]] = []
+    order: List[str] = []
+    votes: Dict[int, set] = {}
+    remaining: Dict[int, int] = {}
+    emitted = 0
+
+    def run(chunk):
+        # Consecutive windows of one image are cropped together (one resize call per image).
+        groups: Dict[int, List[int]] = {}
+        for j, (slot, _, _) in enumerate(chunk):
+            groups.setdefault(slot, []).append(j)
+        tensors = [crop_windows(chunk[js[0]][1], [chunk[j][2] for j in js], window, size) for js in groups.values()]
+        batch = torch.cat(tensors).to(device)
+        emb = encode_image_cls(clip, batch, ln_eps=ln_eps, cls_token=cls_token)
+        top1 = (emb.float() @ text.float().t()).argmax(dim=1).tolist()
+        for slot, js in groups.items():
+            votes[slot].update(top1[j] for j in js)
+            remaining[slot] -= len(js)
+
+    def ready():
+        nonlocal emitted
+        while emitted < len(order) and remaining[emitted] == 0:
+            yield order[emitted], sorted(votes.pop(emitted))
+            emitted += 1
+
+    for image_id, image in images:
+        img = to_image_tensor(image)
+        slot = len(order)
+        order.append(str(image_id))
+        boxes = window_boxes(img.shape[-2], img.shape[-1], window, stride)
+        votes[slot], remaining[slot] = set(), len(boxes)
+        queue.extend((slot, img, b) for b in boxes)
+        while len(queue) >= batch_size:
+            run(queue[:batch_size])
+            del queue[:batch_size]
+            yield from ready()
+    if queue:
+        run(queue)
+    yield from ready()
+
+
+@torch.no_grad()
+def threshold_topk(
+    clip: nn.Module,
+    images: Iterable[Tuple[str, ImageLike]],
+    text: torch.Tensor,
+    threshold: float = 23.0,
+    topk: int = 1,
+    input_size: Optional[int] = None,
+    batch_size: int = 64,
+    ln_eps: Optional[float] = None,
+    cls_token: Any = None,
+) -> Iterator[Tuple[str, List[int]]]:
+    """ReCLIP hypotheses: whole-image score 100·cos per class ≥ ``threshold``, else the ``topk`` best."""
+    size = input_size or clip_input_size(clip)
+    device = clip.visual.conv1.weight.device
+    text = text.to(device)
+    ids: List[str] = []
+    batch: List[torch.Tensor] = []
+
+    def run():
+        emb = encode_image_cls(clip, torch.cat(batch).to(device), ln_eps=ln_eps, cls_token=cls_token)
+        scores = 100.0 * emb.float() @ text.float().t()
+        for i, s in zip(ids, scores):
+            keep = (s >= threshold).nonzero().flatten().tolist()
+            if not keep:
+                keep = s.topk(min(topk, s.numel())).indices.tolist()
+            yield i, sorted(keep)
+
+    for image_id, image in images:
+        ids.append(str(image_id))
+        batch.append(clip_preprocess(image, size))
+        if len(batch) >= batch_size:
+            yield from run()
+            ids, batch = [], []
+    if batch:
+        yield from run()
+
+
+def settings_fingerprint(settings: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_hypotheses(path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None) -> Hypotheses:
+    """Read a hypotheses file → {image id: [class indices]}; checks the class list when given."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"hypotheses file {p} does not exist; compute it with "
+                                "`python -m reclip_core hypothesis --config ...`.")
+    with open(p, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a reclip hypotheses file (format {data.get('format')!r}).")
+    if class_names is not None and list(class_names) != data["class_names"]:
+        raise ValueError(f"{p} was computed for classes {data['class_names'][:5]}... (C={len(data['class_names'])}), "
+                         f"not for the {len(class_names)} classes given; recompute it.")
+    return {str(k): [int(c) for c in v] for k, v in data["hypotheses"].items()}
+
+
+def _iter_items(dataset, skip: set) -> Iterator[Tuple[str, Any]]:
+    """(id, image) of every item not in ``skip``; uses a reader's ``ids`` to skip without decoding."""
+    ids = getattr(dataset, "ids", None)
+    for i in range(len(dataset)):
+        if ids is not None and str(ids[i]) in skip:
+            continue
+        item = dataset[i]
+        if str(item["id"]) in skip:
+            continue
+        yield str(item["id"]), item["image"]
+
+
+def compute_hypotheses(
+    clip: nn.Module,
+    dataset,
+    class_names: Sequence[str],
+    out_path: Union[str, os.PathLike],
+    text: Optional[torch.Tensor] = None,
+    mode: str = "window",
+    window: int = 56,
+    stride: Optional[int] = None,
+    input_size: Optional[int] = None,
+    batch_size: int = 256,
+    threshold: float = 23.0,
+    topk: int = 1,
+    templates: Optional[Sequence[str]] = None,
+    ln_eps: Optional[float] = None,
+    cls_token: Any = None,
+    resume: bool = True,
+    save_every: int = 500,
+    progress: bool = True,
+    max_images: Optional[int] = None,
+) -> Hypotheses:
+    """Hypotheses for every image of ``dataset`` (items ``{"id", "image"}``), saved to ``out_path``.
+
+    Resumable: with ``resume`` an existing file computed with the same settings is extended (its
+    ids are skipped); a file from other settings raises ``ValueError``. The file is rewritten
+    atomically every ``save_every`` new images and at the end.
+    """
+    from tqdm.auto import tqdm
+
+    from .text import PROMPT_TEMPLATES, text_embeddings, validate_class_names
+
+    names = validate_class_names(class_names)
+    if mode not in ("window", "threshold"):
+        raise ValueError(f"mode must be 'window' (ReCLIP++) or 'threshold' (ReCLIP), got {mode!r}.")
+    templates = list(templates) if templates is not None else list(PROMPT_TEMPLATES)
+    if text is None:
+        text = text_embeddings(clip, names, templates)
+    stride = stride or max(1, window // 2)
+    size = input_size or clip_input_size(clip)
+    settings = {"mode": mode, "input_size": size, "templates": settings_fingerprint({"t": templates}),
+                "ln_eps": ln_eps, "cls_token": None if cls_token is None else str(cls_token)}
+    if mode == "window":
+        settings.update(window=int(window), stride=int(stride))
+    else:
+        settings.update(threshold=float(threshold), topk=int(topk))
+    out_path = Path(out_path)
+    done: Hypotheses = {}
+    if out_path.is_file() and resume:
+        with open(out_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("class_names") != names or old.get("settings") != settings:
+            raise ValueError(f"{out_path} holds hypotheses computed with other settings or classes "
+                             f"({old.get('settings')}); delete it, choose another path, or pass resume=False.")
+        done = {str(k): list(v) for k, v in old["hypotheses"].items()}
+
+    def write():
+        atomic_write_json(out_path, {"format": FORMAT, "version": 1, "class_names": names,
+                                     "settings": settings, "hypotheses": done})
+
+    n_total = len(dataset) if max_images is None else min(len(dataset), max_images)
+    subset = dataset if max_images is None else _Head(dataset, n_total)
+    items = _iter_items(subset, set(done))
+    if mode == "window":
+        stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token)
+    else:
+        stream = threshold_topk(clip, items, text, threshold, topk, size, batch_size, ln_eps, cls_token)
+    bar = tqdm(total=n_total, initial=min(len(done), n_total), desc=f"hypotheses ({mode})",
+               disable=not progress, unit="img")
+    new, last_save = 0, time.monotonic()
+    for image_id, classes in stream:
+        done[image_id] = classes
+        new += 1
+        bar.update(1)
+        if new % save_every == 0 or time.monotonic() - last_save > 120:
+            write()
+            last_save = time.monotonic()
+    bar.close()
+    write()
+    return done
+
+
+class _Head:
+    """The first ``n`` items of a dataset (keeps ``ids`` when the reader has them)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, n
+        ids = getattr(dataset, "ids", None)
+        if ids is not None:
+            self.ids = ids[:n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
+def hypothesis_stats(hyps: Hypotheses, num_classes: int) -> Dict[str, Any]:
+    """Label-free summary: mean classes per image, empty hypotheses, images per class."""
+    per_class = [0] * num_classes
+    for v in hyps.values():
+        for c in v:
+            per_class[c] += 1
+    sizes = [len(v) for v in hyps.values()]
+    return {"images": len(hyps), "mean_classes": sum(sizes) / max(1, len(sizes)),
+            "empty": sum(1 for s in sizes if s == 0), "images_per_class": per_class}
+
+
+__all__ = ("window_vote", "threshold_topk", "compute_hypotheses", "load_hypotheses", "hypothesis_stats", "FORMAT")

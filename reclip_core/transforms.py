@@ -1,0 +1,191 @@
+"""Image preprocessing: label-free training views, evaluation resize, hypothesis windows.
+
+Training views follow method.md §3 (random rescale of the (long, short) base scale by a ratio in
+``scale_range`` keeping the aspect ratio, random crop, horizontal flip, photometric distortion,
+CLIP normalisation, zero padding to the crop) with torchvision transforms v2. The release chooses
+crops with the ground-truth mask (mmseg's ``cat_max_ratio``); here the crop is uniform and the
+transform never receives a mask, so no label can leak.
+
+Randomness: a view is a pure function of ``(seed, epoch, index)`` (:func:`sample_seed`), drawn
+inside ``torch.random.fork_rng``. This is what makes training reproducible independently of the
+number of DataLoader workers, of DDP ranks, and of where a resumed run restarts.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .backbone import CLIP_MEAN, CLIP_STD
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (``seed, "aug", epoch, index``): stable across processes and
+    Python runs (unlike ``hash()``)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def to_image_tensor(image: ImageLike) -> torch.Tensor:
+    """PIL / HxWx3 uint8 array / [3, H, W] tensor → uint8-or-float [3, H, W] tensor (RGB)."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"a numpy image must be H x W x 3 (RGB), got shape {image.shape}.")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be [3, H, W], got {tuple(image.shape)}.")
+        return image
+    raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 array or a tensor.")
+
+
+def keep_ratio_size(h: int, w: int, long_side: float, short_side: float) -> Tuple[int, int]:
+    """mmseg ``Resize(keep_ratio=True)``: scale so that the long side <= ``long_side`` and the short
+    side <= ``short_side``, with one of them reached exactly → (new_h, new_w)."""
+    factor = min(long_side / max(h, w), short_side / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float [.., 3, H, W] → CLIP-normalised float32."""
+    x = x.float() / 255.0 if not x.is_floating_point() else x.float()
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class RandomRescale:
+    """Resize keeping ratio to ``ratio * (long, short)`` with ratio ~ U(scale_range) (mmseg
+    ``RandomResize(scale, ratio_range, keep_ratio=True)``). Draws from the global torch RNG, which
+    :class:`TrainTransform` seeds per sample."""
+
+    def __init__(self, scale: Tuple[int, int], ratio_range: Tuple[float, float]):
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.ratio_range
+        ratio = lo + (hi - lo) * float(torch.rand(()))
+        h, w = img.shape[-2:]
+        size = keep_ratio_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
+        return TF.resize(img, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+class RandomCropNoPad:
+    """Uniform random crop of at most ``size`` × ``size`` (smaller images are kept whole; padding
+    happens after normalisation, as in mmseg)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        ch, cw = min(self.size, h), min(self.size, w)
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return img[..., top:top + ch, left:left + cw]
+
+
+class TrainTransform:
+    """Label-free training view: image → CLIP-normalised float tensor [3, crop, crop].
+
+    ``transform(image, seed)`` is deterministic in ``seed``. It accepts only an image — there is
+    no argument through which a mask could enter.
+    """
+
+    def __init__(self, crop: int, scale: Tuple[int, int], ratio_range: Sequence[float] = (0.5, 2.0),
+                 flip: bool = True, photometric: bool = True):
+        self.crop = int(crop)
+        steps = [RandomRescale(tuple(scale), tuple(ratio_range)), RandomCropNoPad(self.crop)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip(p=0.5))
+        if photometric:
+            # SSD-style distortion, the same family as mmseg's PhotoMetricDistortion
+            # (brightness, contrast, saturation, hue, each applied with probability 1/2).
+            steps.append(v2.RandomPhotometricDistort(p=0.5))
+        self.pipeline = v2.Compose(steps)
+
+    def __call__(self, image: ImageLike, seed: int) -> torch.Tensor:
+        img = to_image_tensor(image)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+            torch.manual_seed(seed)
+            img = self.pipeline(img)
+        x = normalize(img)
+        pad_h, pad_w = self.crop - x.shape[-2], self.crop - x.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, (0, max(0, pad_w), 0, max(0, pad_h)))  # zeros = the mean colour
+        return x
+
+
+def train_transform_from_config(cfg) -> TrainTransform:
+    scale = cfg["train_scale"] or [cfg["max_long_side"], cfg["crop"]]
+    return TrainTransform(cfg["crop"], (scale[0], scale[1]), cfg["scale_range"], cfg["flip"], cfg["photometric"])
+
+
+def eval_preprocess(image: ImageLike, test_size: int, max_long_side: int = 2048) -> torch.Tensor:
+    """Evaluation input: resize keeping ratio so the short side is ``test_size`` (long side at most
+    ``max_long_side``), CLIP-normalise → [1, 3, H', W'] float32."""
+    img = to_image_tensor(image)
+    h, w = img.shape[-2:]
+    size = keep_ratio_size(h, w, max_long_side, test_size)
+    if size != (h, w):
+        img = TF.resize(img, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return normalize(img).unsqueeze(0)
+
+
+def window_boxes(h: int, w: int, window: int, stride: int) -> list:
+    """Top-left corners (y, x) of the square windows of side ``window`` and step ``stride`` that fit
+    inside an h × w image. An image smaller than the window yields one window at (0, 0) (clipped)."""
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window and stride must be positive, got {window} and {stride}.")
+    ys = list(range(0, max(h - window, 0) + 1, stride))
+    xs = list(range(0, max(w - window, 0) + 1, stride))
+    return [(y, x) for y in ys for x in xs]
+
+
+def crop_windows(image: ImageLike, boxes: Sequence[Tuple[int, int]], window: int, input_size: int) -> torch.Tensor:
+    """Square crops of side ``window`` at ``boxes`` (top-left corners), each resized to
+    ``input_size`` (bicubic, like CLIP's preprocessing; a square window needs no centre crop) and
+    CLIP-normalised → [N, 3, input_size, input_size]."""
+    img = to_image_tensor(image)
+    crops = [img[:, y:y + window, x:x + window] for y, x in boxes]
+    side = min(min(c.shape[-2:]) for c in crops)  # < window only when the image is smaller
+    crops = torch.stack([TF.center_crop(c, [side, side]) for c in crops])
+    crops = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
+    crops = TF.resize(crops, [input_size, input_size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return normalize(crops.clamp(0, 1))
+
+
+def window_batch(image: ImageLike, window: int, stride: int, input_size: int) -> torch.Tensor:
+    """All windows of one image (:func:`window_boxes`) → [N, 3, input_size, input_size]."""
+    img = to_image_tensor(image)
+    return crop_windows(img, window_boxes(img.shape[-2], img.shape[-1], window, stride), window, input_size)
+
+
+def clip_preprocess(image: ImageLike, input_size: int) -> torch.Tensor:
+    """CLIP's own preprocessing (resize short side, centre crop, normalise) → [1, 3, S, S]."""
+    img = to_image_tensor(image)
+    img = TF.resize(img, [input_size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    img = TF.center_crop(img, [input_size, input_size])
+    return normalize(img).unsqueeze(0)
+
+
+def clip_input_size(clip: torch.nn.Module) -> int:
+    """The image side the CLIP was pretrained at (224 for ViT-B/16, 64 for the toy CLIP)."""
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+__all__ = ("TrainTransform", "train_transform_from_config", "eval_preprocess", "window_boxes", "window_batch", "crop_windows",
+           "clip_preprocess", "clip_input_size", "keep_ratio_size", "sample_seed", "to_image_tensor", "normalize")
