@@ -8,7 +8,7 @@ DATASET ?=
 DEVICE ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv test reproduce toy-world toy-clip bench clean-venv
+.PHONY: venv test reproduce notebooks toy-world toy-clip bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: venv
 
 reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)
+
+# Re-execute the notebooks in place so their committed outputs (checked by nbval) are refreshed.
+notebooks: venv
+	$(PY) -m reclip_core.reproduce --profile toy --inplace
+
+bench: venv
+	$(PY) -m benchmarks.run
 
 clean-venv:
 	rm -rf $(VENV)

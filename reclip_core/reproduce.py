@@ -1,7 +1,11 @@
-"""`make reproduce`: the main job. Profile `toy` (default) runs on CPU in minutes.
+"""`make reproduce`: execute the five notebooks in order with papermill and write a summary.
 
-Until the notebooks exist this runs a smoke demonstration of the model on the selected
-backbone; the notebook batch (papermill) replaces it.
+    python -m reclip_core.reproduce                       # toy profile, CPU, minutes
+    python -m reclip_core.reproduce --profile paper --dataset voc --device cuda
+
+Executed copies go to ``results/<profile>/notebooks/``; ``results/<profile>/summary.md`` links
+every table and figure the notebooks wrote. Parameters are checked before any notebook starts,
+so a typo fails in a second instead of after the first heavy cell.
 """
 from __future__ import annotations
 
@@ -10,44 +14,135 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
-import torch
+from .atomic_io import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+RESULTS_DIR = ROOT / "results"
 PROFILES = ("toy", "paper")
+PAPER_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
+DEFAULT_DATASET = {"toy": "toyworld", "paper": "voc"}
 
 
-def smoke(profile: str, device: str) -> dict:
-    """MaskCLIP and an untrained ReCLIP++ forward on random images: checks the install."""
-    import reclip_core as rc
-
-    torch.manual_seed(0)
-    if profile == "toy":
-        try:
-            clip = rc.load_clip("toy", device=device)
-        except (ImportError, FileNotFoundError, ValueError) as err:
-            print(f"toy CLIP not available yet ({err}); using a random ViT-B/16", file=sys.stderr)
-            clip = rc.load_clip(pretrained=None, device=device)
-    else:
-        clip = rc.load_clip(device=device)
-    names = ["cat", "dog", "bird"]
-    images = torch.randn(2, 3, 96, 128, device=next(clip.parameters()).device)
-    model = rc.ReCLIPPP(clip, names, templates=["a photo of a {}."]).to(images.device).eval()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model(images)
-    return {"profile": profile, "shapes": {k: list(v.shape) for k, v in out.items()},
-            "forward_seconds": round(time.perf_counter() - t0, 3)}
+def notebooks(directory: Path = NOTEBOOK_DIR) -> List[Path]:
+    """The numbered walk-through notebooks 01–05, in order."""
+    found = sorted(directory.glob("0[1-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no numbered notebooks in {directory}; is this a full checkout?")
+    return found
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="toy", choices=PROFILES)
+def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
+    """Validate the run before any heavy work; returns the dataset to use."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}.")
+    dataset = dataset or DEFAULT_DATASET[profile]
+    valid = ("toyworld",) if profile == "toy" else PAPER_DATASETS
+    if dataset not in valid:
+        raise ValueError(f"dataset {dataset!r} is not part of profile {profile!r}; valid: {', '.join(valid)}.")
+    from .backbone import resolve_device
+
+    resolve_device(device)  # raises with a message when e.g. CUDA is requested but absent
+    return dataset
+
+
+def check_parameter_names(extra: Dict) -> None:
+    """Every extra parameter must be declared in some notebook's ``parameters`` cell: papermill
+    would otherwise inject it silently and the run would use the default."""
+    import papermill as pm
+
+    known = set()
+    for nb in notebooks():
+        known |= set(pm.inspect_notebook(str(nb)))
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {unknown}; valid: {', '.join(sorted(known))}.")
+
+
+def preflight(profile: str, dataset: str) -> None:
+    """Paper profile: fail fast when the CLIP weights or the dataset are missing."""
+    if profile != "paper":
+        return
+    from .datasets import get_dataset
+
+    get_dataset(dataset, "val")  # FileNotFoundError naming the data_prep command
+    from .backbone import load_clip
+
+    load_clip()  # RuntimeError naming the weights cache and how to fill it
+
+
+def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
+        only: Optional[Sequence[str]] = None, inplace: bool = False, extra: Optional[Dict] = None) -> Path:
+    """Execute the notebooks; returns the path of ``summary.md``."""
+    import papermill as pm
+
+    dataset = check_parameters(profile, dataset, device)
+    check_parameter_names(extra or {})
+    preflight(profile, dataset)
+    out_dir = RESULTS_DIR / profile / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"profile": profile, "dataset": dataset, "device": device, "seed": seed, **(extra or {})}
+    timings = {}
+    for nb in notebooks():
+        if only and not any(nb.name.startswith(o) for o in only):
+            continue
+        target = nb if inplace else out_dir / nb.name
+        print(f"[reproduce] {nb.name} ({profile}/{dataset}) …", flush=True)
+        t0 = time.perf_counter()
+        pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name="python3",
+                            cwd=str(NOTEBOOK_DIR), progress_bar=False)
+        timings[nb.name] = round(time.perf_counter() - t0, 1)
+        print(f"[reproduce] {nb.name} done in {timings[nb.name]} s", flush=True)
+    return write_summary(profile, dataset, timings)
+
+
+def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path:
+    """``results/<profile>/summary.md``: headline numbers, then links to every table and figure."""
+    base = RESULTS_DIR / profile
+    lines = [f"# reclip results — profile `{profile}`, dataset `{dataset}`", "",
+             "Written by `python -m reclip_core.reproduce`; do not edit by hand.", ""]
+    headline = base / dataset / "headline.md"
+    if headline.is_file():
+        lines += [headline.read_text().strip(), ""]
+    if timings:
+        lines += ["## Notebook run times", "", "| notebook | seconds |", "|---|---:|"]
+        lines += [f"| [{name}](notebooks/{name}) | {secs} |" for name, secs in timings.items()]
+        lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
+    for kind, patterns in (("Tables", ("*.md", "*.csv")), ("Figures", ("*.png",))):
+        files = sorted(p for pat in patterns for p in (base / dataset).rglob(pat) if p.name != "headline.md")
+        if files:
+            lines += [f"## {kind}", ""] + [f"- [{p.relative_to(base)}]({p.relative_to(base)})" for p in files] + [""]
+    path = base / "summary.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="toy")
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
+    parser.add_argument("--inplace", action="store_true",
+                        help="execute the notebooks in notebooks/ themselves (refreshes the committed outputs)")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="extra notebook parameter (JSON value), e.g. -p n_val 100")
     args = parser.parse_args(argv)
-    report = smoke(args.profile, args.device)
-    print(json.dumps(report, indent=2))
+    extra = {}
+    for name, value in args.param:
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
+    try:
+        summary = run(args.profile, args.dataset, args.device, args.seed, args.only, args.inplace, extra)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"reproduce: {err}", file=sys.stderr)
+        return 2
+    print(f"[reproduce] summary: {summary}")
     return 0
 
 
