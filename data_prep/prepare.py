@@ -29,7 +29,7 @@ import numpy as np
 from reclip_core.atomic_io import atomic_write_bytes, atomic_write_json
 
 from . import convert
-from .download import Archive, dataset_archives, fetch
+from .download import dataset_archives, fetch
 from .extract import safe_extract
 
 __all__ = ["DATASETS", "SPECS", "Item", "prepare", "write_split", "write_manifest",

@@ -9,7 +9,6 @@ import json
 import os
 import tarfile
 import threading
-import warnings
 import zipfile
 from pathlib import Path
 
