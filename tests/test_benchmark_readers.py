@@ -148,6 +148,9 @@ def test_get_dataset_unknown_name_and_options(tmp_path):
     with pytest.raises(IndexError):
         ds[5]
     assert ds[-1]["id"] == "v"
+    assert ds.by_id("v")["id"] == "v" and ds.index("v") == 0
+    with pytest.raises(KeyError, match="nope"):
+        ds.by_id("nope")
 
 
 def test_get_dataset_toyworld_dispatch(monkeypatch):

@@ -111,6 +111,7 @@ class BenchmarkImages:
         self._check_manifest(len(files))
         self.ids: List[str] = stems
         self._images: List[Path] = files
+        self._pos: Dict[str, int] = {i: k for k, i in enumerate(stems)}
 
     def _check_manifest(self, n: int) -> None:
         path = self.root / "manifest.json"
@@ -136,6 +137,17 @@ class BenchmarkImages:
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {self.name} {self.split} of size {n}")
         return int(i) % n
+
+    def index(self, id: str) -> int:
+        """Position of the item with this id (KeyError naming the split if absent)."""
+        try:
+            return self._pos[id]
+        except KeyError:
+            raise KeyError(f"no item with id {id!r} in {self.name} {self.split}") from None
+
+    def by_id(self, id: str) -> dict:
+        """The item with this id."""
+        return self[self.index(id)]
 
     def image_path(self, i: int) -> Path:
         return self._images[self._index(i)]
