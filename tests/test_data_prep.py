@@ -349,7 +349,9 @@ def test_ade_label_checked_and_kept():
 
 
 def _rle_string(runs):
-    """COCO compressed-RLE encoder (spec inverse of the decoder), for fixtures."""
+    """COCO compressed-RLE encoder (spec inverse of the decoder), for fixtures.
+
+    Checked offline to give the same strings as pycocotools 2.0.11 ``mask.encode``."""
     out = []
     for i, x in enumerate(runs):
         if i > 2:
@@ -382,6 +384,17 @@ def test_rle_decode_known_and_roundtrip():
     # uncompressed counts, column-major: 2x3 image, runs 1 zero, 2 ones, 3 zeros
     m = convert.rle_decode({"size": [2, 3], "counts": [1, 2, 3]})
     assert m.tolist() == [[False, True, False], [True, False, False]]
+    # compressed strings produced by pycocotools 2.0.11 mask.encode (recorded offline)
+    want = np.zeros((6, 9), bool)
+    want[1:4, 2:7] = True
+    want[5, :] = True
+    want[0, 8] = True
+    got = convert.rle_decode({"size": [6, 9], "counts": "5150L20N020N020N020N020N41OO"})
+    assert got.tolist() == want.tolist()
+    big = np.zeros((300, 400), bool)
+    big[50:250, 100:380] = True
+    counts = "R[m0X6T3" + "0" * 557 + "ni5"
+    assert convert.rle_decode({"size": [300, 400], "counts": counts}).tolist() == big.tolist()
     rng = np.random.default_rng(0)
     mask = rng.random((7, 11)) > 0.6
     runs = _runs(mask)
