@@ -118,10 +118,12 @@ def _stamp(dest: Path, archive: Path) -> Path:
 
 
 def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Callable[[str], bool]] = None,
-                 progress: bool = True, force: bool = False) -> Path:
+                 progress: bool = True, force: bool = False, tag: str = "") -> Path:
     """Extract the tar or zip archive ``path`` into ``dest`` after checking every member.
 
     ``include(relative_name) -> bool`` selects members (default: all). Returns ``dest``.
+    ``tag`` is stored in the completion stamp: a different tag (e.g. another member
+    selection) makes a rerun extract again.
     """
     from tqdm.auto import tqdm
 
@@ -129,7 +131,7 @@ def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Call
     keep = include or (lambda rel: True)
     st = path.stat()
     stamp = _stamp(dest, path)
-    sig = {"archive": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sig = {"archive": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "tag": tag}
     if not force and stamp.exists():
         try:
             if {k: v for k, v in json.loads(stamp.read_text()).items() if k in sig} == sig:

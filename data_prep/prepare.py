@@ -338,7 +338,8 @@ def prepare(name: str, root: os.PathLike, *, source: str = "official", archives_
         if sub is None:
             continue
         _log(f"{name}: extracting {arch.filename}")
-        safe_extract(path, root / "raw" / sub if sub else root / "raw", include=include, progress=progress)
+        safe_extract(path, root / "raw" / sub if sub else root / "raw", include=include, progress=progress,
+                     tag=f"converter-v{convert.CONVERTER_VERSION}")
     manifest = prepare_from_raw(name, root, files, progress=progress, archives=records, limit=limit)
     if not keep_raw:
         shutil.rmtree(root / "raw", ignore_errors=True)
