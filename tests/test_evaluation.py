@@ -1,0 +1,166 @@
+"""Evaluation: padding-aware upsampling, whole-image inference at the test size, PD on/off, both
+mIoU definitions, bias map once per input size, hypothesis precision/recall."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from reclip_core.evaluation import evaluate, evaluate_run, hypothesis_quality, upsample_logits
+
+from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config
+
+COLOURS = np.array([(220, 30, 30), (30, 200, 30), (30, 30, 220)], np.uint8)
+
+
+def test_upsample_crops_the_padding_before_resizing():
+    # input 16 x 20 → padded to 16 x 24 → grid 2 x 3; class 1 wins only in the last column
+    logits = torch.zeros(1, 2, 2, 3)
+    logits[:, 0, :, :2] = 1.0
+    logits[:, 1, :, 2] = 1.0
+    pred = upsample_logits(logits, 8, (16, 20), (16, 20)).argmax(1)[0]
+    assert pred.shape == (16, 20)
+    # the column boundary stays at x = 16 (between the token centres 12 and 20 of the padded input);
+    # resizing the grid straight to 20 px would move it to x ≈ 13
+    assert (pred[:, :16] == 0).all() and (pred[:, 16:] == 1).all()
+
+
+class BlockSet:
+    """Images made of 8-px vertical stripes of class colours; label = stripe class (class 2 never
+    occurs). Stripes, not a checkerboard: bilinear upsampling of a grid is exact at a straight
+    boundary between tokens but not at corners where four tokens of two classes meet."""
+
+    def __init__(self, n=3, h=32, w=40):
+        self.n, self.h, self.w = n, h, w
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        blocks = np.repeat(rng.integers(0, 2, (1, self.w // 8)), self.h // 8, axis=0)
+        label = np.kron(blocks, np.ones((8, 8), np.int64))
+        return {"id": f"b{i}", "image": Image.fromarray(COLOURS[label]), "label": label}
+
+
+class ColourModel(nn.Module):
+    """A fake segmenter: per token, logits from the mean colour (a perfect reader of BlockSet);
+    its 'maskclip' head always says class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_names = list(NAMES)
+        self.clip = nn.Module()
+        self.clip.visual = nn.Module()
+        self.clip.visual.patch_size = (8, 8)
+        self.clip.visual.conv1 = nn.Conv2d(3, 1, 1)
+        self.use_decoder = True
+        self.inputs = []
+
+    def forward(self, images):
+        self.inputs.append(tuple(images.shape))
+        mean = nn.functional.avg_pool2d(images, 8)  # [1, 3, h, w], CLIP-normalised colours
+        ref = (torch.tensor(COLOURS, dtype=torch.float32) / 255 - torch.tensor([0.48, 0.46, 0.41])) / 0.27
+        dist = ((mean[:, None] - ref[None, :, :, None, None]) ** 2).sum(2)  # [1, C, h, w]
+        logits = -dist
+        const = torch.zeros_like(logits)
+        const[:, 0] = 1.0
+        return {"clip_logits": const, "rectified": logits, "logits": logits}
+
+
+def test_evaluate_perfect_and_constant_heads():
+    ds = BlockSet()
+    labels = np.concatenate([ds[i]["label"].ravel() for i in range(len(ds))])
+    model = ColourModel()
+    rep = evaluate(model, ds, test_size=64, pd_threshold=0.5, progress=False)
+    # whole image at the test size: short side 32 → 64, one forward per image
+    assert model.inputs == [(1, 3, 64, 80)] * 3
+    for tag in ("no_pd", "pd"):
+        m = rep.metrics["reclip++"][tag]
+        assert m.miou() == pytest.approx(100.0)  # classes 0 and 1 perfect; class 2 absent
+        assert m.miou_release() == pytest.approx(200.0 / 3)  # absent class counts 0, divided by C
+    frac0 = (labels == 0).mean()
+    assert rep.metrics["maskclip"]["no_pd"].miou() == pytest.approx(100 * frac0 / 2)  # IoU(0)=frac0, IoU(1)=0
+    summary = rep.summary()
+    assert list(summary["model"]) == ["maskclip", "rectified", "reclip++"]
+    table = rep.per_class("reclip++")
+    assert list(table["class"]) == NAMES and np.isnan(table["iou"].iloc[2])
+    assert "reclip++" in rep.format()
+
+
+def test_presence_filter_changes_the_prediction():
+    class Weak(ColourModel):
+        def forward(self, images):
+            out = super().forward(images)
+            lg = nn.functional.one_hot(out["logits"].argmax(1), 3).permute(0, 3, 1, 2).float()
+            lg[:, 2, :, 0] = 1.05  # class 2 narrowly wins in the first token column, never confident
+            out["logits"] = lg
+            return out
+
+    rep = evaluate(Weak(), BlockSet(), test_size=32, pd_threshold=0.9, progress=False, heads=["reclip++"])
+    off, on = rep.metrics["reclip++"]["no_pd"], rep.metrics["reclip++"]["pd"]
+    assert off.pred_pixels[2] > 0 and off.miou() < 100
+    # softmax(10 * [1, 0, 1.05]) peaks at 0.62 < 0.9 for class 2: PD drops it everywhere (a true
+    # class seen only in that column is dropped too: PD is per image and per class)
+    assert on.pred_pixels[2] == 0 and on.miou() > off.miou()
+
+
+def test_bias_map_is_computed_once_per_input_size(tiny_clip):
+    from reclip_core.model import ReCLIPPP
+
+    model = ReCLIPPP(tiny_clip, NAMES, templates=["a photo of a {}."])
+    calls = []
+    real = model.reference.forward
+    model.reference.forward = lambda: (calls.append(1), real())[1]
+    ds = ImageSet(6, labels=True)  # 3 image sizes → 3 input sizes at test size 32
+    rep = evaluate(model, ds, test_size=32, pd_threshold=0.5, progress=False)
+    assert len(calls) == 3
+    assert set(rep.metrics) == {"maskclip", "rectified", "reclip++"}
+
+
+def test_evaluate_needs_labels():
+    with pytest.raises(ValueError, match="labelled"):
+        evaluate(ColourModel(), ImageSet(2), test_size=32, pd_threshold=0.5, progress=False)
+
+
+def test_hypothesis_quality_by_hand():
+    class Labels:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            lab = np.full((4, 4), 255, np.int64)
+            if i == 0:
+                lab[0, 0], lab[1, 1] = 0, 1  # classes {0, 1}
+            else:
+                lab[2, 2] = 2  # {2}
+            return {"id": f"x{i}", "image": None, "label": lab}
+
+    q = hypothesis_quality({"x0": [0, 2], "x1": [2]}, Labels(), 3)
+    # TP: (x0,0), (x1,2) = 2; FP: (x0,2) = 1; FN: (x0,1) = 1
+    assert q["precision"] == pytest.approx(2 / 3) and q["recall"] == pytest.approx(2 / 3)
+    assert q["exact_match"] == pytest.approx(0.5)
+    assert q["per_class_recall"][1] == 0.0 and q["per_class_precision"][2] == pytest.approx(0.5)
+    with pytest.raises(KeyError):
+        hypothesis_quality({"x0": [0]}, Labels(), 3)
+
+
+def test_evaluate_run_last_checkpoint_and_outputs(tmp_path, tiny_clip):
+    from reclip_core.training import train
+
+    cfg = tiny_config(tmp_path / "run", epoch=1)
+    val = ImageSet(4, labels=True)
+    with pytest.warns(UserWarning, match="MaskCLIP only"):
+        base = evaluate_run(cfg, dataset=val, clip=tiny_clip, progress=False, save=False)
+    assert list(base.metrics) == ["maskclip"]
+    train(cfg, dataset=ImageSet(8), hypotheses=hypotheses_for(8), clip=tiny_clip, progress=False)
+    rep = evaluate_run(cfg, dataset=val, clip=tiny_clip, progress=False)
+    assert list(rep.metrics) == ["maskclip", "rectified", "reclip++"]
+    assert rep.info["epoch"] == 1 and rep.info["finished"] is True
+    # the MaskCLIP head of the trained model is the untrained baseline
+    np.testing.assert_array_equal(rep.metrics["maskclip"]["no_pd"].confusion, base.metrics["maskclip"]["no_pd"].confusion)
+    files = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
+    assert "metrics.json" in files and "summary.csv" in files
+    assert len(files) == 2 + 3 * 2  # dataset-level tables only, nothing per image
