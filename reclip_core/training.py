@@ -153,6 +153,21 @@ def init_distributed_from_env(device: str = "auto") -> bool:
     return True
 
 
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum); its backward sums the gradients of all processes.
+
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated in torch 2.14 in favour of the
+    functional collectives, whose autograd support is still marked private; torch is pinned, so
+    we keep the documented one and silence its FutureWarning."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics cover the whole global batch of a DDP run.
 
@@ -166,15 +181,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         world, _ = dist_info()
         if not self.training or world == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         C = x.shape[1]
         count = torch.tensor([x.numel() / C], dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+        stats = _all_reduce_sum(torch.cat([x.sum(dim=(0, 2, 3)), count]))
         n = stats[C]
         mean = stats[:C] / n
         centred = x - mean.view(1, C, 1, 1)
-        var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3))) / n  # biased, used for normalising
+        var = _all_reduce_sum(centred.pow(2).sum(dim=(0, 2, 3))) / n  # biased, used for normalising
         with torch.no_grad():
             if self.track_running_stats:
                 self.num_batches_tracked.add_(1)
@@ -207,6 +220,8 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
 
     dev = resolve_device(device if device is not None else cfg["device"])
     if clip is None:
+        if cfg["clip"]["pretrained"] is None:
+            torch.manual_seed(cfg["seed"])  # a random CLIP must be the same in every command and process
         clip = load_clip(cfg["clip"]["arch"], cfg["clip"]["pretrained"], device=dev)
     names, templates = resolve_class_names(cfg), resolve_templates(cfg)
     common = dict(templates=templates, ln_eps=cfg["clip"]["ln_eps"], cls_token=cfg["clip"]["cls_token"])
@@ -375,7 +390,7 @@ def train(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # BN statistics are already global
+            forward_sync_buffers=False)  # BN statistics are already global: no per-step broadcast
 
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
     steps_per_epoch = len(sampler) // per_rank

@@ -1,0 +1,165 @@
+"""Command line: ``python -m reclip_core {hypothesis,train,evaluate,segment} --config NAME [--set k=v ...]``.
+
+Each command calls the same library function a notebook would (``compute_hypotheses``, ``train``,
+``evaluate_run``, ``segment``). Multi-process training: ``torchrun --nproc_per_node N -m reclip_core
+train --config ...`` (DDP; gloo on CPU, NCCL on GPUs). Bad input exits with status 2 and a message
+that says what to do (unknown config keys and datasets list the valid ones).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reclip_core", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+        sp.add_argument("--config", required=config_required,
+                        help="a shipped config name (voc, context, ade, cityscapes, coco_stuff27, toy) or a YAML path")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set lr=0.02 --set clip.pretrained=null")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    h = sub.add_parser("hypothesis", help="image-level hypotheses of a split (JSON keyed by image id, resumable)")
+    common(h)
+    h.add_argument("--split", default=None, help="split (default: the config's train_split); on a labelled split "
+                   "the precision/recall against ground truth is reported")
+    h.add_argument("--out", default=None, help="output JSON (default <run>/hypotheses.json, or hypotheses_<split>.json)")
+    h.add_argument("--no-resume", action="store_true", help="recompute every image")
+
+    t = sub.add_parser("train", help="train the rectification heads (torchrun for DDP)")
+    common(t)
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+
+    e = sub.add_parser("evaluate", help="MaskCLIP / rectified / ReCLIP++ val mIoU side by side (last checkpoint)")
+    common(e)
+    e.add_argument("--checkpoint", default=None, help="run folder, checkpoints folder, .safetensors or best_weight.pth")
+
+    s = sub.add_parser("segment", help="segment one image; writes an overlay PNG")
+    common(s, config_required=False)
+    s.add_argument("--image", required=True)
+    s.add_argument("--classes", default=None, help="comma-separated class names (default: the config's classes)")
+    s.add_argument("--checkpoint", default=None, help="trained run/checkpoint (default: MaskCLIP, no training)")
+    s.add_argument("--out", default="segmentation.png", help="overlay figure path")
+    s.add_argument("--pd", type=float, default=None, help="presence-filter threshold (default: off)")
+    return p
+
+
+def _run_dir(cfg) -> Path:
+    return cfg.run_dir
+
+
+def _load_clip(cfg):
+    import torch
+
+    from .backbone import load_clip
+
+    if cfg.clip.pretrained is None:
+        torch.manual_seed(cfg.seed)  # a random CLIP: the same one `train` and `evaluate` build
+    return load_clip(cfg.clip.arch, cfg.clip.pretrained, device=cfg.device)
+
+
+def cmd_hypothesis(args, cfg) -> int:
+    from .config import build_dataset, resolve_class_names, resolve_templates
+    from .hypothesis import compute_hypotheses, hypothesis_stats
+
+    split = args.split or cfg.train_split
+    out = Path(args.out) if args.out else _run_dir(cfg) / (
+        "hypotheses.json" if split == cfg.train_split else f"hypotheses_{split}.json")
+    names = resolve_class_names(cfg)
+    dataset = build_dataset(cfg, split)
+    limit = cfg.max_train_images if split == cfg.train_split else cfg.max_val_images
+    clip = _load_clip(cfg)
+    t0 = time.monotonic()
+    hyps = compute_hypotheses(
+        clip, dataset, names, out, mode=cfg.hypothesis_mode, window=cfg.window, stride=cfg.stride,
+        input_size=cfg.hypothesis_input_size, batch_size=cfg.hypothesis_batch_size,
+        threshold=cfg.hypothesis_threshold, topk=cfg.hypothesis_topk, templates=resolve_templates(cfg),
+        ln_eps=cfg.clip.ln_eps, cls_token=cfg.clip.cls_token, resume=not args.no_resume,
+        progress=not args.quiet, max_images=limit)
+    stats = hypothesis_stats(hyps, len(names))
+    print(f"hypotheses: {stats['images']} images of split {split!r} in {time.monotonic() - t0:.1f}s, "
+          f"{stats['mean_classes']:.2f} classes per image, {stats['empty']} empty -> {out}")
+    probe = dataset[0]
+    if "label" in probe:  # a labelled split: score the hypotheses (evaluation code reads the labels)
+        from .evaluation import hypothesis_quality
+
+        q = hypothesis_quality(hyps, dataset, len(names), max_images=limit)
+        print(f"hypothesis precision {100 * q['precision']:.1f}%  recall {100 * q['recall']:.1f}%  "
+              f"exact {100 * q['exact_match']:.1f}%  ({q['images']} images)")
+    return 0
+
+
+def cmd_train(args, cfg) -> int:
+    import torch.distributed as dist
+
+    from .training import init_distributed_from_env, train
+
+    launched = init_distributed_from_env(cfg.device)
+    try:
+        res = train(cfg, run_dir=_run_dir(cfg), resume=not args.no_resume, progress=not args.quiet)
+        if not launched or dist.get_rank() == 0:
+            print(f"trained {res.epochs_done} epochs, {res.steps} steps in {res.seconds:.1f}s; "
+                  f"last loss {res.last_loss:.4f}; checkpoint {res.checkpoint}")
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def cmd_evaluate(args, cfg) -> int:
+    from .evaluation import evaluate_run
+
+    t0 = time.monotonic()
+    report = evaluate_run(cfg, checkpoint=args.checkpoint, run_dir=_run_dir(cfg), progress=not args.quiet)
+    print(report.format())
+    info = report.info
+    if "epoch" in info:
+        print(f"checkpoint: {info.get('checkpoint')} (epoch {info.get('epoch')}, last epoch, no selection)")
+    print(f"evaluation took {time.monotonic() - t0:.1f}s; per-class tables in {_run_dir(cfg) / 'eval'}")
+    return 0
+
+
+def cmd_segment(args, cfg) -> int:
+    from .atomic_io import atomic_save_figure
+    from .config import resolve_class_names
+    from .segment import segment
+
+    if args.classes:
+        names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    elif cfg is not None:
+        names = resolve_class_names(cfg)
+    else:
+        raise ValueError("pass --classes 'a,b,c' or a --config whose classes to use.")
+    clip = _load_clip(cfg) if cfg is not None else None
+    res = segment(args.image, names, checkpoint=args.checkpoint, clip=clip, pd_threshold=args.pd,
+                  test_size=cfg.test_size if cfg is not None else None)
+    atomic_save_figure(res.figure, args.out, dpi=120)
+    counts = {res.class_names[c]: int(n) for c, n in zip(*__import__("numpy").unique(res.mask, return_counts=True))}
+    print(f"{res.model}: {counts} -> {args.out}")
+    return 0
+
+
+COMMANDS = {"hypothesis": cmd_hypothesis, "train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m reclip_core`` and the ``reclip`` script; returns the exit status."""
+    from .config import load_config
+
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        return COMMANDS[args.command](args, cfg)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+__all__ = ("main",)

@@ -1,0 +1,144 @@
+"""Segment your own image: ``segment(image, class_names, checkpoint=None)`` → mask + overlay figure.
+
+Without a checkpoint it runs MaskCLIP (frozen CLIP, no training) for any class list. With one it
+runs the rectified model; the checkpoint must have been trained for exactly those classes (the
+Reference prompt and the decoder are per-class), which is checked.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .transforms import ImageLike, eval_preprocess, to_image_tensor
+
+
+@dataclass
+class SegmentResult:
+    mask: np.ndarray  # int64 [H, W], class index per pixel (original image size)
+    class_names: List[str]
+    figure: Any  # matplotlib Figure: the image and the coloured mask over it
+    model: str  # "maskclip" or the trained model kind
+
+
+def _palette(n: int) -> np.ndarray:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"] if n <= 20 else matplotlib.colormaps["gist_ncar"]
+    return np.array([cmap(i / max(1, n - 1) if n > 20 else i)[:3] for i in range(n)])
+
+
+def overlay_figure(image: ImageLike, mask: np.ndarray, class_names: Sequence[str], alpha: float = 0.55,
+                   title: Optional[str] = None):
+    """A two-panel matplotlib Figure (image | image with the coloured mask and a legend of the
+    classes present). Built without pyplot, so it does not touch global figure state."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    img = to_image_tensor(image).permute(1, 2, 0).numpy()
+    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img
+    colours = _palette(len(class_names))
+    over = (1 - alpha) * img + alpha * colours[mask]
+    fig = Figure(figsize=(10, 4.5))
+    a, b = fig.subplots(1, 2)
+    a.imshow(img)
+    a.set_title("image")
+    b.imshow(np.clip(over, 0, 1))
+    b.set_title(title or "segmentation")
+    for ax in (a, b):
+        ax.axis("off")
+    present = [int(c) for c in np.unique(mask)]
+    b.legend(handles=[Patch(color=colours[c], label=class_names[c]) for c in present],
+             loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Sequence[str], clip: Optional[nn.Module],
+                         device: Any) -> tuple:
+    from .checkpoint import find_checkpoint, load_model_weights
+    from .config import validate
+    from .model import ReCLIPPP
+    from .backbone import load_clip
+
+    latest = find_checkpoint(checkpoint)
+    if latest is not None:
+        import json
+
+        with open(latest, encoding="utf-8") as f:
+            state = json.load(f)
+        if list(class_names) != state["class_names"]:
+            raise ValueError(f"the checkpoint was trained for the classes {state['class_names']}, not {list(class_names)}; "
+                             "segment with checkpoint=None (MaskCLIP) or train for your classes.")
+        from .training import build_model
+
+        cfg = validate(state["config"])
+        model = build_model(cfg, clip=clip, device=device)
+        load_model_weights(model, latest)
+        return model, cfg["model"], cfg["test_size"], cfg["pd_threshold"]
+    # a bare .safetensors / the authors' best_weight.pth: the paper's backbone unless one is given
+    clip = clip if clip is not None else load_clip(device=device)
+    model = ReCLIPPP(clip, class_names)
+    load_model_weights(model, checkpoint)
+    return model.to(device), "reclip++", None, None
+
+
+@torch.no_grad()
+def segment(
+    image: Union[ImageLike, str, os.PathLike],
+    class_names: Sequence[str],
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    *,
+    clip: Optional[nn.Module] = None,
+    test_size: Optional[int] = None,
+    pd_threshold: Optional[float] = None,
+    device: Any = "auto",
+    templates: Optional[Sequence[str]] = None,
+) -> SegmentResult:
+    """Segment ``image`` (PIL, array, tensor or a path) into ``class_names``.
+
+    ``checkpoint=None``: MaskCLIP with ``clip`` (default: ``load_clip()``, the paper's ViT-B/16).
+    Otherwise a run/checkpoint folder (its config rebuilds the model), a ``.safetensors`` file or the
+    authors' ``best_weight.pth``. ``test_size`` (short side) defaults to the checkpoint's config, else
+    the image's own short side (at most 448). ``pd_threshold`` enables the presence filter.
+    """
+    from PIL import Image
+
+    from .backbone import load_clip, resolve_device
+    from .evaluation import upsample_logits
+    from .model import MaskCLIP
+    from .rectify import presence_filter
+    from .text import PROMPT_TEMPLATES, validate_class_names
+
+    names = validate_class_names(class_names)
+    if isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image {image} does not exist.")
+        image = Image.open(image).convert("RGB")
+    dev = resolve_device(device)
+    if checkpoint is None:
+        clip = clip if clip is not None else load_clip(device=dev)
+        model = MaskCLIP(clip, names, templates=templates or PROMPT_TEMPLATES).to(dev)
+        kind, ck_size, ck_pd = "maskclip", None, None
+    else:
+        model, kind, ck_size, ck_pd = _load_for_checkpoint(checkpoint, names, clip, dev)
+    model.eval()
+    h, w = to_image_tensor(image).shape[-2:]
+    size = test_size or ck_size or min(h, w, 448)
+    x = eval_preprocess(image, size).to(dev)
+    logits = model(images=x)["logits"]
+    if pd_threshold is not None:
+        logits = presence_filter(logits, pd_threshold)
+    ps = model.clip.visual.patch_size
+    up = upsample_logits(logits, int(ps[0] if isinstance(ps, (tuple, list)) else ps), tuple(x.shape[-2:]), (h, w))
+    mask = up.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+    fig = overlay_figure(image, mask, names, title=kind)
+    return SegmentResult(mask=mask, class_names=names, figure=fig, model=kind)
+
+
+__all__ = ("segment", "SegmentResult", "overlay_figure")
