@@ -62,3 +62,25 @@ def tiny_config(run_dir, **overrides):
 def hypotheses_for(n: int) -> Dict[str, list]:
     """Fixed hypotheses (the true class and, for every 4th image, none) without running CLIP."""
     return {f"img{i:03d}": ([] if i % 4 == 3 else [i % 3]) for i in range(n)}
+
+
+def write_tiny_world_config(tmp: Path, train_size: int = 16, val_size: int = 4, **overrides) -> Path:
+    """A run config over a toy world of a few images (generated on first use) and the tiny CLIP."""
+    import yaml
+
+    from reclip_core.datasets.toyworld import load_preset
+
+    preset = load_preset("biased")
+    preset["name"] = "testworld"
+    for split, n in (("pretrain", 1), ("train", train_size), ("val", val_size)):
+        preset["splits"][split]["size"] = n
+    (tmp / "preset.yaml").write_text(yaml.safe_dump(preset))
+    cfg = {"dataset": "toyworld", "profile": "custom", "test_size": 32, "crop": 32, "pd_threshold": 0.5,
+           "max_epoch": 4, "epoch": 2, "batch_size": 4, "lr": 0.01, "templates": "single", "device": "cpu",
+           "hypothesis_window": 32, "hypothesis_stride": 16, "data_root": str(tmp / "world"),
+           "dataset_kwargs": {"preset": str(tmp / "preset.yaml")}, "output_dir": str(tmp / "run"),
+           "clip": {"arch": TINY_CLIP_JSON, "pretrained": None}, "log_every": 1}
+    cfg.update(overrides)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
