@@ -155,6 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides) if args.config else None
+        if cfg is not None and cfg.num_threads:
+            import torch
+
+            # Small models on a shared CPU run faster on one thread than on two contended ones.
+            torch.set_num_threads(cfg.num_threads)
         return COMMANDS[args.command](args, cfg)
     except (ValueError, FileNotFoundError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -92,6 +92,8 @@ SCHEMA: Dict[str, Key] = {
     "feature_cache": _k(bool, False, "cache frozen CLIP features of fixed views (see docs/training.md)"),
     "feature_cache_views": _k(int, 1, "fixed views per image when feature_cache is on"),
     "num_workers": _k(int, 0, "DataLoader workers"),
+    "num_threads": _k(int, None, "torch CPU threads of a CLI command (None: torch's default)", optional=True),
+    "eval_batch_size": _k(int, 8, "consecutive validation images of equal size run in one forward"),
     "device": _k(str, "auto", "'auto', 'cpu', 'cuda', 'cuda:1'..."),
     "log_every": _k(int, 10, "steps between progress lines and loss-CSV flushes"),
     "checkpoint_every": _k(int, 0, "steps between mid-epoch checkpoints (0: end of each epoch only)"),
@@ -224,7 +226,7 @@ def validate(raw: Mapping[str, Any], name: str = "custom") -> Config:
 
 def _check_constraints(c: Dict[str, Any]) -> None:
     positive = ("test_size", "crop", "max_epoch", "epoch", "batch_size", "hypothesis_batch_size",
-                "max_long_side", "feature_cache_views", "log_every", "keep_checkpoints")
+                "max_long_side", "feature_cache_views", "log_every", "keep_checkpoints", "eval_batch_size")
     for k in positive:
         if c[k] <= 0:
             raise ValueError(f"config key {k!r} must be > 0, got {c[k]}.")
@@ -233,7 +235,8 @@ def _check_constraints(c: Dict[str, Any]) -> None:
                          "schedule would reach a negative learning rate.")
     if c["lr"] <= 0:
         raise ValueError(f"lr must be > 0, got {c['lr']}.")
-    for k in ("hypothesis_window", "hypothesis_stride", "max_train_images", "max_val_images", "hypothesis_input_size"):
+    for k in ("hypothesis_window", "hypothesis_stride", "max_train_images", "max_val_images", "hypothesis_input_size",
+              "num_threads"):
         if c[k] is not None and c[k] <= 0:
             raise ValueError(f"config key {k!r} must be > 0 or null, got {c[k]}.")
     if c["num_workers"] < 0 or c["checkpoint_every"] < 0 or c["hypothesis_topk"] < 1:

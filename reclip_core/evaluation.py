@@ -128,11 +128,14 @@ def evaluate(
     max_images: Optional[int] = None,
     ignore_index: int = 255,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> EvalReport:
     """Score ``model`` on a labelled split (items ``{"id", "image", "label"}``).
 
     ``heads`` defaults to every head the model outputs (``maskclip`` always; ``rectified`` and
-    ``reclip++`` for ReCLIP++/ReCLIP). One image at a time, whole-image inference.
+    ``reclip++`` for ReCLIP++/ReCLIP). Whole-image inference; up to ``batch_size`` *consecutive*
+    images whose resized inputs have the same size share one forward (the result is the same as
+    one image at a time, up to float rounding; with varied image sizes batches are mostly 1).
     """
     from tqdm.auto import tqdm
 
@@ -141,33 +144,50 @@ def evaluate(
     patch = _patch(model)
     names = list(model.class_names)
     C = len(names)
-    metrics: Optional[Dict[str, Dict[str, SegMetric]]] = None
+    state: Dict[str, Any] = {"metrics": None}
+    buffer: List[Tuple[torch.Tensor, np.ndarray]] = []
+
+    def choose_heads(out: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, SegMetric]]:
+        # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
+        available = ["maskclip"] + (["rectified"] if "rectified" in out else [])
+        available += ["reclip++"] if getattr(model, "use_decoder", False) else []
+        chosen = list(heads) if heads is not None else available
+        bad = [h for h in chosen if h not in available]
+        if bad:
+            raise ValueError(f"heads {bad} are not produced by {type(model).__name__}; available: {available}.")
+        return {h: {"no_pd": SegMetric(C, ignore_index), "pd": SegMetric(C, ignore_index)} for h in chosen}
+
+    def flush() -> None:
+        x = torch.cat([b[0] for b in buffer]).to(device)
+        out = model(images=x)
+        if state["metrics"] is None:
+            state["metrics"] = choose_heads(out)
+        labels = [b[1] for b in buffer]
+        same = all(lab.shape == labels[0].shape for lab in labels)
+        groups = [list(range(len(buffer)))] if same else [[j] for j in range(len(buffer))]
+        for head, by_tag in state["metrics"].items():
+            logits = out[HEAD_KEYS[head]]
+            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
+                for js in groups:
+                    up = upsample_logits(lg[js], patch, tuple(x.shape[-2:]), tuple(labels[js[0]].shape[-2:]))
+                    target = torch.from_numpy(np.stack([labels[j] for j in js]).astype(np.int64))
+                    by_tag[tag].update(up.argmax(dim=1).cpu(), target)
+        buffer.clear()
+
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     for i in tqdm(range(n), desc="evaluate", disable=not progress, unit="img"):
         item = dataset[i]
         if "label" not in item:
             raise ValueError("evaluation needs labelled items {'id', 'image', 'label'}: use the validation split.")
-        label = np.asarray(item["label"])
-        x = eval_preprocess(item["image"], test_size, max_long_side).to(device)
-        out = model(images=x)
-        if metrics is None:
-            # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
-            available = ["maskclip"] + (["rectified"] if "rectified" in out else [])
-            available += ["reclip++"] if getattr(model, "use_decoder", False) else []
-            chosen = list(heads) if heads is not None else available
-            bad = [h for h in chosen if h not in available]
-            if bad:
-                raise ValueError(f"heads {bad} are not produced by {type(model).__name__}; available: {available}.")
-            metrics = {h: {"no_pd": SegMetric(C, ignore_index), "pd": SegMetric(C, ignore_index)} for h in chosen}
-        label_t = torch.from_numpy(label.astype(np.int64))
-        for head in metrics:
-            logits = out[HEAD_KEYS[head]]
-            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
-                up = upsample_logits(lg, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
-                metrics[head][tag].update(up.argmax(dim=1)[0].cpu(), label_t)
-    if metrics is None:
+        x = eval_preprocess(item["image"], test_size, max_long_side)
+        if buffer and (x.shape != buffer[0][0].shape or len(buffer) >= batch_size):
+            flush()
+        buffer.append((x, np.asarray(item["label"])))
+    if buffer:
+        flush()
+    if state["metrics"] is None:
         raise ValueError("the evaluation split is empty.")
-    return EvalReport(names, metrics, n, float(pd_threshold))
+    return EvalReport(names, state["metrics"], n, float(pd_threshold))
 
 
 def evaluate_run(
@@ -202,7 +222,7 @@ def evaluate_run(
             warnings.warn(f"evaluating an unfinished run: checkpoint at epoch {state.get('epoch')} of "
                           f"{cfg['epoch']}.", stacklevel=2)
     report = evaluate(model, dataset, cfg["test_size"], cfg["pd_threshold"], cfg["max_long_side"],
-                      max_images=cfg["max_val_images"], progress=progress)
+                      max_images=cfg["max_val_images"], progress=progress, batch_size=cfg["eval_batch_size"])
     report.info.update(info)
     if save:
         report.save(run / "eval")

@@ -41,7 +41,8 @@ from .transforms import TrainTransform, sample_seed, train_transform_from_config
 LABEL_KEYS = ("label", "mask", "labels", "masks", "seg", "gt")
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = ("epoch", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "device",
-                    "output_dir", "data_root", "max_val_images", "val_split", "hypothesis_batch_size")
+                    "output_dir", "data_root", "max_val_images", "val_split", "hypothesis_batch_size",
+                    "num_threads", "eval_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -164,3 +164,15 @@ def test_evaluate_run_last_checkpoint_and_outputs(tmp_path, tiny_clip):
     files = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
     assert "metrics.json" in files and "summary.csv" in files
     assert len(files) == 2 + 3 * 2  # dataset-level tables only, nothing per image
+
+
+def test_batched_evaluation_equals_one_image_at_a_time(tiny_clip):
+    from reclip_core.model import ReCLIPPP
+
+    model = ReCLIPPP(tiny_clip, NAMES, templates=["a photo of a {}."])
+    ds = ImageSet(9, labels=True, sizes=((40, 48), (40, 48), (32, 32)))  # runs of equal sizes
+    one = evaluate(model, ds, test_size=32, pd_threshold=0.5, progress=False, batch_size=1)
+    many = evaluate(model, ds, test_size=32, pd_threshold=0.5, progress=False, batch_size=4)
+    for head in one.metrics:
+        for tag in ("no_pd", "pd"):
+            np.testing.assert_array_equal(one.metrics[head][tag].confusion, many.metrics[head][tag].confusion)
