@@ -42,6 +42,9 @@ MODES: Dict[str, dict] = {
         # the timed region 140×252 holds 4 × 8 = 32 of the image's 192 windows (CPU time bound)
         "hyp": {"dataset": "voc", "image": [375, 500], "crop": 336, "chunk": 64, "region": [140, 252]},
         "repeats": {"eval_voc": 3, "eval_ade": 2, "train": 2, "hyp": 2},
+        # a GPU has time for the whole image, a longer epoch and bigger batches
+        "cuda": {"hyp": {"region": None}, "train": {"n_images": 16, "batch": 8},
+                 "repeats": {"eval_voc": 10, "eval_ade": 10, "train": 5, "hyp": 5}},
     },
     "quick": {
         "arch": str(HERE / "tiny_clip.json"),
@@ -139,13 +142,20 @@ class EvalSetup(Setup):
 
     def _on_forward(self, event: str, tensor) -> None:
         self.sync()
+        if event == "start" and self.path == "ours":
+            # This machine's matmul rate right before each forward (row 4 pairs them, so a change
+            # of load between the two measurements matters less); its time is taken out of the
+            # step time of the previous image below.
+            t0 = time.perf_counter()
+            self._matmul.append(harness.matmul_gflops(self.device, repeats=3))
+            self._bursts.append(time.perf_counter() - t0)
         self._events.append((event, time.perf_counter()))
         if event == "end" and self._first is None:
             self._first = tensor.detach().float().cpu()
             self._input = [int(tensor.shape[-2]), int(tensor.shape[-1])]
 
     def run(self) -> Dict[str, List[float]]:
-        self._events = []
+        self._events, self._matmul, self._bursts = [], [], []
         if self.path == "ours":
             report = ours_evaluate(self.model, self.dataset, self.cfg["test_size"], self.cfg["pd"], self._on_forward)
             self.confusion = report.metrics["reclip++"]["pd"].confusion.copy()
@@ -161,6 +171,10 @@ class EvalSetup(Setup):
         ends = [t for e, t in self._events if e == "end"]
         forward = [e - s for s, e in zip(starts, ends)]
         step = [b - a for a, b in zip(starts, starts[1:] + [t_end])]
+        if self._bursts:  # the burst before forward i+1 ran inside step i
+            step = [st - (self._bursts[i + 1] if i + 1 < len(self._bursts) else 0.0) for i, st in enumerate(step)]
+            self.roofline = [{"forward_s": f, "matmul_gflops": m["gflops"]}
+                             for f, m in zip(forward[1:], self._matmul[1:])]
         self.first_image = {"forward": forward[0], "step": step[0]}
         return {"forward": forward[1:], "step": step[1:]}
 
@@ -177,7 +191,7 @@ class EvalSetup(Setup):
             out["input"] = [h, w]
             out["flops_forward"] = harness.eval_forward_flops(self.clip, h, w, self.C)
             out["flops_dense"] = harness.dense_forward_flops(self.clip, h, w)
-            out["matmul"] = harness.matmul_gflops(self.device, dtype=torch.float32)
+            out["roofline"] = self.roofline
         else:
             out["input"] = list(self._test_hw())
             out["prediction_files"] = self.prediction_files
@@ -328,8 +342,10 @@ def run_one(row: str, path: str, mode: str, device: torch.device, repeats: Optio
             warmup: int = 1, amp: Optional[str] = None, cache_dir: Optional[Path] = None,
             clip=None) -> Dict[str, object]:
     """Set up and time one (row, path); returns timings, peak memory and extras."""
-    cfg_all = MODES[mode]
-    cfg = cfg_all[row]
+    cfg_all = dict(MODES[mode])
+    over = cfg_all.get(device.type, {}) if device.type != "cpu" else {}
+    cfg = dict(cfg_all[row], **over.get(row, {}))
+    cfg_all["repeats"] = dict(cfg_all["repeats"], **over.get("repeats", {}))
     kind = ROW_KIND[row]
     if path not in PATHS[row]:
         raise ValueError(f"row {row!r} has paths {PATHS[row]}, not {path!r}.")

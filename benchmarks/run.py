@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,22 +182,27 @@ def build_rows(results: Dict[Tuple[str, str, str], dict], amp_tags: List[str], r
             })
         for rid, row in (("4a", "eval_voc"), ("4b", "eval_ade")):
             ours = results.get((row, "ours", tag))
-            if ours is None or "matmul" not in ours["extra"]:
+            if ours is None or "roofline" not in ours["extra"]:
                 continue
             ex = ours["extra"]
-            st = ours["stats"]["forward"]
-            achieved = ex["flops_forward"] / st["median"] / 1e9
-            mm = ex["matmul"]
-            frac = achieved / mm["gflops"]
-            spread = f"{ex['flops_forward'] / st['max'] / 1e9:.1f}–{ex['flops_forward'] / st['min'] / 1e9:.1f} GFLOP/s"
+            flops = ex["flops_forward"]
+            pairs = ex["roofline"]
+            achieved = [flops / p["forward_s"] / 1e9 for p in pairs]
+            matmul = [p["matmul_gflops"] for p in pairs]
+            fracs = [a / m for a, m in zip(achieved, matmul)]
+            frac = statistics.median(fracs)
             rows.append({
                 "id": rid + ("" if tag == "fp32" else "-" + tag),
-                "what": (f"Dense eval forward achieved GFLOP/s ({ex['flops_forward'] / 1e9:.1f} GFLOP analytic, "
-                         f"C={ex['classes']}, {ex['input'][0]}×{ex['input'][1]}) vs measured fp32 matmul "
-                         f"{mm['n']}² GFLOP/s" + suffix),
-                "ours": f"{achieved:.1f} GFLOP/s", "release": f"matmul {mm['gflops']:.1f} GFLOP/s",
+                "what": (f"Eval forward achieved GFLOP/s ({flops / 1e9:.1f} GFLOP analytic: dense ViT + logits + "
+                         f"decoder, C={ex['classes']}, {ex['input'][0]}×{ex['input'][1]}) vs fp32 2048² matmul "
+                         f"GFLOP/s measured right before each forward; ratio = median of the per-image ratios"
+                         + suffix),
+                "ours": f"{statistics.median(achieved):.1f} GFLOP/s",
+                "release": f"matmul {statistics.median(matmul):.1f} GFLOP/s",
                 "ratio": f"{100 * frac:.0f}%", "target": "≥ 50%", "result": "met" if frac >= 0.5 else "MISSED",
-                "spread_ours": spread, "spread_release": f"{mm['gflops_min']:.1f}–{mm['gflops_max']:.1f} GFLOP/s",
+                "spread_ours": f"{min(achieved):.1f}–{max(achieved):.1f} GFLOP/s; ratios "
+                               + ", ".join(f"{100 * f:.0f}%" for f in fracs),
+                "spread_release": f"{min(matmul):.1f}–{max(matmul):.1f} GFLOP/s",
                 "mem_ours": _mem(ours), "mem_release": "—", "same": "—", "load": _load(ours),
             })
     if reproduce is not None:
@@ -398,10 +404,10 @@ def notes_for(mode: str, results: dict, args) -> List[str]:
         "the positional feature recomputed on every forward; one CLIP forward per hypothesis window; "
         "training at batch 1 with a Python loop over the hypothesis classes; a prediction PNG per "
         "evaluation image. tests/test_benchmarks.py checks that both paths compute the same numbers.",
-        "Row 1 times the model forward only; rows 1c/1d time the whole per-image evaluation step. Row 4 "
+        "Rows 1a/1b time the model forward only; rows 1c/1d the whole per-image evaluation step. Row 4 "
         "divides the analytic FLOPs of our evaluation forward (dense ViT + logits + decoder conv; "
-        "element-wise ops not counted) by its median time and compares with an fp32 square matmul "
-        "measured in the same worker.",
+        "element-wise ops not counted) by each timed forward's time and compares with the fp32 2048² matmul "
+        "rate measured right before that forward (the matmul burst's time is taken out of the step times).",
         "Training rows: the same N images, hypotheses, label-free views (the library's `TrainViews`, "
         "augmentation included in the timed epoch for both paths), Gumbel noise per image, SGD (lr 0.01, "
         "momentum 0.9, weight decay 5e-4); only the batching (ours: the library's training step on "
