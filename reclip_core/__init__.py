@@ -27,6 +27,12 @@ _EXPORTS = {
     "SegMetric": "metrics",
 }
 
+# Submodules reachable as attributes (``rc.lab.setup``, ``rc.plots``) without an explicit import.
+_SUBMODULES = ("backbone", "text", "reference_prompt", "positional_bias", "rectify", "decoder", "loss",
+               "model", "metrics", "bias_analysis", "atomic_io", "hypothesis", "training", "evaluation",
+               "checkpoint", "config", "transforms", "segment", "lab", "plots", "toy_lab", "toy_clip",
+               "datasets", "reproduce")
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
@@ -34,6 +40,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'reclip_core' has no attribute {name!r}")
 
 

@@ -65,8 +65,8 @@ def _load_clip(cfg):
 
 
 def cmd_hypothesis(args, cfg) -> int:
-    from .config import build_dataset, resolve_class_names, resolve_templates
-    from .hypothesis import compute_hypotheses, hypothesis_stats
+    from .config import build_dataset, resolve_class_names
+    from .hypothesis import hypotheses_from_config, hypothesis_stats
 
     split = args.split or cfg.train_split
     out = Path(args.out) if args.out else _run_dir(cfg) / (
@@ -76,12 +76,7 @@ def cmd_hypothesis(args, cfg) -> int:
     limit = cfg.max_train_images if split == cfg.train_split else cfg.max_val_images
     clip = _load_clip(cfg)
     t0 = time.monotonic()
-    hyps = compute_hypotheses(
-        clip, dataset, names, out, mode=cfg.hypothesis_mode, window=cfg.window, stride=cfg.stride,
-        input_size=cfg.hypothesis_input_size, batch_size=cfg.hypothesis_batch_size,
-        threshold=cfg.hypothesis_threshold, topk=cfg.hypothesis_topk, templates=resolve_templates(cfg),
-        ln_eps=cfg.clip.ln_eps, cls_token=cfg.clip.cls_token, resume=not args.no_resume,
-        progress=not args.quiet, max_images=limit)
+    hyps = hypotheses_from_config(cfg, clip, split, out, resume=not args.no_resume, progress=not args.quiet)
     stats = hypothesis_stats(hyps, len(names))
     print(f"hypotheses: {stats['images']} images of split {split!r} in {time.monotonic() - t0:.1f}s, "
           f"{stats['mean_classes']:.2f} classes per image, {stats['empty']} empty -> {out}")

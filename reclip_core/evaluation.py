@@ -61,6 +61,11 @@ class EvalReport:
     images: int
     pd_threshold: float
     info: Dict[str, Any] = field(default_factory=dict)
+    #: per head, a BiasAccumulator of the predictions without PD (``evaluate(..., bias_grid=g)``)
+    bias: Dict[str, Any] = field(default_factory=dict)
+    #: the first ``examples`` images: ``ids``, ``images`` (uint8 HxWx3), ``labels``, ``inputs``
+    #: (the normalised model inputs) and one predicted label map per head (``evaluate(..., examples=n)``)
+    examples: Dict[str, List[Any]] = field(default_factory=dict)
 
     def summary(self) -> "Any":
         """DataFrame: one row per head; mIoU (mmseg and release definitions) with PD off and on, pixel acc."""
@@ -129,6 +134,8 @@ def evaluate(
     ignore_index: int = 255,
     progress: bool = True,
     batch_size: int = 1,
+    bias_grid: Optional[int] = None,
+    examples: int = 0,
 ) -> EvalReport:
     """Score ``model`` on a labelled split (items ``{"id", "image", "label"}``).
 
@@ -136,6 +143,9 @@ def evaluate(
     ``reclip++`` for ReCLIP++/ReCLIP). Whole-image inference; up to ``batch_size`` *consecutive*
     images whose resized inputs have the same size share one forward (the result is the same as
     one image at a time, up to float rounding; with varied image sizes batches are mostly 1).
+    ``bias_grid`` also accumulates the class- and space-bias metrics of each head (no PD) on a
+    ``bias_grid``×``bias_grid`` grid (``report.bias``); ``examples`` keeps the first images and
+    their predictions for figures (``report.examples``).
     """
     from tqdm.auto import tqdm
 
@@ -145,7 +155,9 @@ def evaluate(
     names = list(model.class_names)
     C = len(names)
     state: Dict[str, Any] = {"metrics": None}
-    buffer: List[Tuple[torch.Tensor, np.ndarray]] = []
+    buffer: List[Tuple[torch.Tensor, np.ndarray, Any]] = []
+    bias: Dict[str, Any] = {}
+    kept: Dict[str, List[Any]] = {"ids": [], "images": [], "labels": [], "inputs": []}
 
     def choose_heads(out: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, SegMetric]]:
         # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
@@ -162,7 +174,17 @@ def evaluate(
         out = model(images=x)
         if state["metrics"] is None:
             state["metrics"] = choose_heads(out)
+            if bias_grid:
+                from .bias_analysis import BiasAccumulator
+
+                bias.update({h: BiasAccumulator(C, grid=bias_grid, ignore_index=ignore_index) for h in state["metrics"]})
         labels = [b[1] for b in buffer]
+        keep = [j for j in range(len(buffer)) if len(kept["ids"]) + j < examples]
+        for j in keep:
+            kept["ids"].append(buffer[j][2]["id"])
+            kept["images"].append(np.asarray(buffer[j][2]["image"].convert("RGB")))
+            kept["labels"].append(labels[j])
+            kept["inputs"].append(buffer[j][0])
         same = all(lab.shape == labels[0].shape for lab in labels)
         groups = [list(range(len(buffer)))] if same else [[j] for j in range(len(buffer))]
         for head, by_tag in state["metrics"].items():
@@ -171,7 +193,14 @@ def evaluate(
                 for js in groups:
                     up = upsample_logits(lg[js], patch, tuple(x.shape[-2:]), tuple(labels[js[0]].shape[-2:]))
                     target = torch.from_numpy(np.stack([labels[j] for j in js]).astype(np.int64))
-                    by_tag[tag].update(up.argmax(dim=1).cpu(), target)
+                    pred = up.argmax(dim=1).cpu()
+                    by_tag[tag].update(pred, target)
+                    if tag == "no_pd":
+                        if head in bias:
+                            bias[head].update(pred, target)
+                        for k, j in enumerate(js):
+                            if j in keep:
+                                kept.setdefault(head, []).append(pred[k].numpy())
         buffer.clear()
 
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
@@ -182,12 +211,13 @@ def evaluate(
         x = eval_preprocess(item["image"], test_size, max_long_side)
         if buffer and (x.shape != buffer[0][0].shape or len(buffer) >= batch_size):
             flush()
-        buffer.append((x, np.asarray(item["label"])))
+        buffer.append((x, np.asarray(item["label"]), item if i < examples else {"id": item["id"]}))
     if buffer:
         flush()
     if state["metrics"] is None:
         raise ValueError("the evaluation split is empty.")
-    return EvalReport(names, state["metrics"], n, float(pd_threshold))
+    return EvalReport(names, state["metrics"], n, float(pd_threshold), bias=bias,
+                      examples=kept if examples else {})
 
 
 def evaluate_run(

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -280,3 +280,20 @@ def hypothesis_stats(hyps: Hypotheses, num_classes: int) -> Dict[str, Any]:
 
 
 __all__ = ("window_vote", "threshold_topk", "compute_hypotheses", "load_hypotheses", "hypothesis_stats", "FORMAT")
+
+
+def hypotheses_from_config(cfg: Mapping[str, Any], clip: nn.Module, split: str, out_path: Union[str, os.PathLike],
+                           text: Optional[torch.Tensor] = None, resume: bool = True,
+                           progress: bool = True) -> Hypotheses:
+    """The hypotheses of ``split`` with every setting taken from a run config (what the CLI's
+    ``hypothesis`` command and the notebooks both call)."""
+    from .config import build_dataset, resolve_class_names, resolve_templates
+
+    limit = cfg["max_train_images"] if split == cfg["train_split"] else cfg["max_val_images"]
+    return compute_hypotheses(
+        clip, build_dataset(cfg, split), resolve_class_names(cfg), out_path, text=text,
+        mode=cfg["hypothesis_mode"], window=cfg.window, stride=cfg.stride,
+        input_size=cfg["hypothesis_input_size"], batch_size=cfg["hypothesis_batch_size"],
+        threshold=cfg["hypothesis_threshold"], topk=cfg["hypothesis_topk"], templates=resolve_templates(cfg),
+        ln_eps=cfg["clip"]["ln_eps"], cls_token=cfg["clip"]["cls_token"], resume=resume, progress=progress,
+        max_images=limit)

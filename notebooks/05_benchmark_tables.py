@@ -1,0 +1,52 @@
+# %% [markdown]
+# # 05 · Benchmark tables
+#
+# One table for the profile: MaskCLIP (no training), ReCLIP (CVPR 2024), ReCLIP++ with
+# rectification only, and full ReCLIP++; PD off and on; both mIoU definitions (mmseg: mean over
+# classes present; release: absent classes count 0). The runs of notebooks 03 and 04 are reused
+# (a finished run is not trained again). Beside them: the paper's numbers (paper profile) or the
+# compass goals of the toy lab. A missed goal is reported as missed.
+
+# %% tags=["parameters"]
+profile = "toy"
+dataset = None
+device = "auto"
+seed = 0
+epochs = None
+
+# %%
+import pandas as pd
+
+import reclip_core as rc
+
+lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs)
+lab.hypotheses()
+reports = {
+    "MaskCLIP": (lab.evaluate(lab.model("maskclip")), "maskclip"),
+    "ReCLIP": (lab.evaluate(lab.train("reclip", kind="reclip")), "rectified"),
+    "ReCLIP++ (rectify only)": (lab.evaluate(lab.train("rectify_both", use_decoder=False, bias_mode="both")), "rectified"),
+    "ReCLIP++": (lab.evaluate(lab.train("reclip++")), "reclip++"),
+}
+
+# %%
+rows = []
+for name, (report, head) in reports.items():
+    m = report.metrics[head]
+    rows.append({"model": name, "mIoU": m["no_pd"].miou(), "mIoU+PD": m["pd"].miou(),
+                 "mIoU (release def.)": m["no_pd"].miou_release(), "mIoU+PD (release def.)": m["pd"].miou_release()})
+table = pd.DataFrame(rows)
+print(lab.save_table(table, "05_benchmark", title=f"{lab.profile} / {lab.dataset}").to_string(index=False))
+
+# %% [markdown]
+# ## Against the reference numbers
+
+# %%
+reference = rc.lab.reference_numbers(lab.profile, lab.dataset)
+compare = rc.lab.compare_to_reference(table, reference)
+print(lab.save_table(compare, "05_vs_reference", title="Against the paper / compass goals").to_string(index=False))
+lab.write_headline(rc.lab.headline(lab, table, compare))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+timings = pd.DataFrame([{"step": k, "seconds": v} for k, v in lab.timings.items()])
+print(lab.save_table(timings, "05_timings").to_string(index=False))

@@ -1,0 +1,260 @@
+"""The notebooks' one entry point (fastbook style): ``lab = setup(profile, dataset, device, seed)``
+seeds everything in one place, loads the profile's config and gives short, named steps that call
+the library. No method logic lives here or in the notebooks — only orchestration and file
+placement under ``results/<profile>/<dataset>/``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .atomic_io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "results"
+PROFILE_CONFIG = {"toy": "toy"}  # the paper profile uses the dataset's own config (voc.yaml, ...)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) — the only place the notebooks seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency such as tabulate)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "–" if np.isnan(v) else format(float(v), floatfmt)
+        return str(v)
+
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Lab:
+    """A profile/dataset pair with its config, results folder and cached heavy objects."""
+
+    profile: str
+    dataset: str
+    device: torch.device
+    seed: int
+    cfg: Any
+    results: Path
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    # -- objects --------------------------------------------------------------------------------
+    @cached_property
+    def clip(self) -> nn.Module:
+        from .backbone import load_clip
+
+        if self.cfg["clip"]["pretrained"] is None:
+            torch.manual_seed(self.seed)  # a random CLIP must be the same in every notebook
+        return load_clip(self.cfg["clip"]["arch"], self.cfg["clip"]["pretrained"], device=self.device)
+
+    @cached_property
+    def class_names(self) -> List[str]:
+        from .config import resolve_class_names
+
+        return resolve_class_names(self.cfg)
+
+    @cached_property
+    def text(self) -> torch.Tensor:
+        """Class text features, computed once and shared by every model of this lab."""
+        from .config import resolve_templates
+        from .text import text_embeddings
+
+        return text_embeddings(self.clip, self.class_names, resolve_templates(self.cfg))
+
+    def split(self, name: str):
+        from .config import build_dataset
+
+        return build_dataset(self.cfg, name)
+
+    @cached_property
+    def val(self):
+        return self.split(self.cfg["val_split"])
+
+    def model(self, kind: str = "reclip++", **overrides: Any) -> nn.Module:
+        """A fresh segmenter (``"maskclip"``, ``"reclip++"`` or ``"reclip"``) on the shared CLIP."""
+        from .training import build_model
+
+        cfg = self.config(**overrides)
+        model = build_model(cfg, clip=self.clip, device=self.device, kind=kind)
+        model._text = self.text.to(self.device)
+        return model.to(self.device)
+
+    def config(self, **overrides: Any):
+        from .config import load_config
+
+        if not overrides:
+            return self.cfg
+        return load_config(dict(self.cfg), [f"{k}={v}" for k, v in overrides.items()])
+
+    # -- steps ----------------------------------------------------------------------------------
+    def hypotheses(self, progress: bool = False) -> Dict[str, List[int]]:
+        """Image-level hypotheses of the training split (computed once, then read from disk)."""
+        from .hypothesis import hypotheses_from_config
+
+        t0 = time.perf_counter()
+        hyps = hypotheses_from_config(self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json",
+                                      text=self.text, progress=progress)
+        self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
+        return hyps
+
+    def hypothesis_quality(self) -> Dict[str, Any]:
+        """Precision/recall of the hypotheses of the *validation* split against its labels
+        (evaluation code: the training split has no labels and training never reads one)."""
+        from .evaluation import hypothesis_quality
+        from .hypothesis import hypotheses_from_config
+
+        split = self.cfg["val_split"]
+        hyps = hypotheses_from_config(self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json",
+                                      text=self.text, progress=False)
+        return hypothesis_quality(hyps, self.val, len(self.class_names), max_images=self.cfg["max_val_images"])
+
+    def gumbel_draw(self, model: nn.Module, examples: Mapping[str, Any]) -> List[np.ndarray]:
+        """One seeded draw of the loss's hard Gumbel masks for each example, as label maps at label size."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        maps = []
+        with torch.no_grad():
+            for x, label in zip(examples["inputs"], examples["labels"]):
+                out = model(images=x.to(self.device))
+                every_class = [list(range(len(self.class_names)))]
+                _, masks = model.loss(out, every_class, generator=gen, return_masks=True)
+                up = torch.nn.functional.interpolate(masks.float(), size=np.asarray(label).shape, mode="nearest")
+                maps.append(up.argmax(1)[0].cpu().numpy())
+        return maps
+
+    def run_dir(self, name: str) -> Path:
+        return self.results / "runs" / name
+
+    def train(self, name: str, kind: str = "reclip++", progress: bool = False, **overrides: Any):
+        """Train ``kind`` with config ``overrides`` into ``runs/<name>`` (resumes a finished run
+        without retraining) and return the trained model (last epoch, no selection)."""
+        from .checkpoint import load_model_weights
+        from .training import train
+
+        cfg = self.config(model=kind, **overrides) if kind != "maskclip" else self.cfg
+        t0 = time.perf_counter()
+        train(cfg, hypotheses=self.hypotheses(), clip=self.clip, run_dir=self.run_dir(name), progress=progress)
+        self.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
+        model = self.model(kind, **overrides)
+        load_model_weights(model, self.run_dir(name))
+        return model.eval()
+
+    def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False):
+        """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head."""
+        from .evaluation import evaluate
+
+        t0 = time.perf_counter()
+        report = evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"], self.cfg["max_long_side"],
+                          max_images=self.cfg["max_val_images"], progress=progress, bias_grid=bias_grid,
+                          examples=examples)
+        self.timings[f"evaluate {type(model).__name__}"] = round(time.perf_counter() - t0, 1)
+        return report
+
+    def loss_history(self, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.run_dir(name) / "loss.csv")
+
+    # -- outputs --------------------------------------------------------------------------------
+    def save_table(self, df: pd.DataFrame, name: str, floatfmt: str = ".1f", title: Optional[str] = None) -> pd.DataFrame:
+        """``<name>.csv`` and ``<name>.md`` under the results folder; returns ``df`` rounded for display."""
+        atomic_write_csv(self.results / f"{name}.csv", df)
+        head = f"# {title}\n\n" if title else ""
+        atomic_write_text(self.results / f"{name}.md", head + markdown_table(df, floatfmt))
+        return df.round(int(floatfmt.strip(".f") or 1)) if floatfmt.endswith("f") else df
+
+    def save_figure(self, fig, name: str):
+        atomic_save_figure(fig, self.results / f"{name}.png", dpi=110, bbox_inches="tight")
+        return fig
+
+    def save_json(self, obj: Mapping[str, Any], name: str) -> Path:
+        return atomic_write_json(self.results / f"{name}.json", obj)
+
+    def write_headline(self, text: str) -> Path:
+        """The few lines ``summary.md`` starts with (``reproduce.write_summary`` reads them)."""
+        return atomic_write_text(self.results / "headline.md", text.strip() + "\n")
+
+
+def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
+          **overrides: Any) -> Lab:
+    """Validate the notebook parameters, seed everything, load the config → :class:`Lab`.
+
+    Fails fast (before any heavy work) on an unknown profile, dataset, device or config key.
+    """
+    from .backbone import resolve_device
+    from .config import load_config
+    from .reproduce import check_parameters
+
+    dataset = check_parameters(profile, dataset, device)
+    seed_everything(seed)
+    cfg_name = PROFILE_CONFIG.get(profile, dataset)
+    sets = [f"seed={seed}", f"device={device}"] + [f"{k}={v}" for k, v in overrides.items() if v is not None]
+    cfg = load_config(cfg_name, sets)
+    results = RESULTS_DIR / profile / dataset
+    results.mkdir(parents=True, exist_ok=True)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    return Lab(profile, dataset, resolve_device(device), seed, cfg, results)
+
+
+__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "markdown_table")
+
+
+# ------------------------------------------------------------------------------------------------
+# Notebook 05: reference numbers and the headline
+# ------------------------------------------------------------------------------------------------
+def reference_numbers(profile: str, dataset: str) -> Dict[str, Dict[str, Any]]:
+    """The paper's numbers (paper profile) or the toy lab's goals, from ``data/reference_numbers.yaml``."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parent / "data" / "reference_numbers.yaml").read_text())
+    block = data.get(profile, {})
+    refs = dict(block.get(dataset, {}))
+    for v in refs.values():
+        v.setdefault("tolerance", block.get("tolerance", 0.0))
+    return refs
+
+
+def compare_to_reference(table: pd.DataFrame, reference: Mapping[str, Mapping[str, Any]],
+                         metric: str = "mIoU") -> pd.DataFrame:
+    """One row per reference entry: ours, the target (absolute, or a gain over another row), met/missed."""
+    ours = dict(zip(table["model"], table[metric]))
+    rows = []
+    for model, ref in reference.items():
+        value = ours.get(model, float("nan"))
+        if "min_gain_over" in ref:
+            base = ours.get(ref["min_gain_over"], float("nan"))
+            target, measured = float(ref["gain"]), value - base
+            goal = f"≥ {ref['min_gain_over']} + {ref['gain']:g}"
+        else:
+            target, measured = float(ref["target"]), value
+            goal = f"≥ {ref['target']:g} − {ref['tolerance']:g}"
+        tol = float(ref.get("tolerance", 0.0)) if "target" in ref else 0.0
+        status = "—" if np.isnan(measured) else ("met" if measured >= target - tol else "MISSED")
+        rows.append({"model": model, metric: value, "measured": measured, "goal": goal, "status": status,
+                     "source": ref.get("source", "")})
+    return pd.DataFrame(rows)
+
+
+def headline(lab: Lab, table: pd.DataFrame, compare: pd.DataFrame) -> str:
+    """The summary's first lines: the benchmark table and the goals, as measured in this run."""
+    return "\n".join([f"## {lab.profile} / {lab.dataset}: mIoU (%)", "", markdown_table(table),
+                      "## Goals", "", markdown_table(compare)])

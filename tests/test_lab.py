@@ -1,0 +1,92 @@
+"""The notebooks' helpers: evaluation extras (bias metrics, examples), goals, parameter checks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from reclip_core import MaskCLIP
+from reclip_core.bias_analysis import class_bias
+from reclip_core.evaluation import evaluate, upsample_logits
+from reclip_core.lab import compare_to_reference, markdown_table, reference_numbers
+from reclip_core.reproduce import check_parameter_names, check_parameters
+from reclip_core.transforms import eval_preprocess
+
+
+class _Val:
+    def __init__(self, n=3, size=(30, 44), C=2):
+        rng = np.random.default_rng(0)
+        self.items = []
+        for i in range(n):
+            img = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+            lab = rng.integers(0, C, size).astype(np.int64)
+            lab[:3] = 255
+            self.items.append({"id": f"im{i}", "image": img, "label": lab})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_evaluate_collects_bias_metrics_and_examples(tiny_clip):
+    torch.manual_seed(0)
+    model = MaskCLIP(tiny_clip, ["cat", "dog"], templates=["a photo of a {}."])
+    val = _Val()
+    report = evaluate(model, val, test_size=32, pd_threshold=0.5, progress=False, bias_grid=2, examples=2)
+    ex = report.examples
+    assert ex["ids"] == ["im0", "im1"] and len(ex["maskclip"]) == 2 and ex["images"][0].shape == (30, 44, 3)
+    # the kept prediction is the evaluation's own prediction for that image
+    x = eval_preprocess(val[1]["image"], 32, 2048)
+    with torch.no_grad():
+        logits = model(images=x)["clip_logits"]
+    direct = upsample_logits(logits, 8, tuple(x.shape[-2:]), (30, 44)).argmax(1)[0].numpy()
+    assert np.array_equal(direct, ex["maskclip"][1])
+    # the bias accumulator saw exactly the scored pixels
+    acc = report.bias["maskclip"]
+    conf = report.metrics["maskclip"]["no_pd"].confusion
+    assert acc.true_counts.sum() == conf.sum()
+    assert np.allclose(acc.true_counts.sum((0, 1)), conf.sum(1))
+    assert np.allclose(acc.pred_counts.sum((0, 1)), conf.sum(0))
+    # and equals a one-shot computation over the first two images when only those are evaluated
+    two = evaluate(model, _Val(2), test_size=32, pd_threshold=0.5, progress=False, bias_grid=2, examples=2)
+    expected = class_bias(np.stack(two.examples["maskclip"]), np.stack(two.examples["labels"]), 2)
+    assert abs(two.bias["maskclip"].class_bias().tvd - expected.tvd) < 1e-12
+
+
+def test_evaluate_without_extras_keeps_report_lean(tiny_clip):
+    model = MaskCLIP(tiny_clip, ["cat", "dog"], templates=["a photo of a {}."])
+    report = evaluate(model, _Val(1), test_size=32, pd_threshold=0.5, progress=False)
+    assert report.bias == {} and report.examples == {}
+
+
+def test_compare_to_reference_reports_misses():
+    table = pd.DataFrame({"model": ["MaskCLIP", "ReCLIP++", "ReCLIP++ (rectify only)"], "mIoU": [40.0, 47.0, 41.0]})
+    ref = {"ReCLIP++": {"min_gain_over": "MaskCLIP", "gain": 10.0},
+           "ReCLIP++ (rectify only)": {"min_gain_over": "MaskCLIP", "gain": 0.0}}
+    out = compare_to_reference(table, ref).set_index("model")
+    assert out.loc["ReCLIP++", "status"] == "MISSED" and out.loc["ReCLIP++", "measured"] == 7.0
+    assert out.loc["ReCLIP++ (rectify only)", "status"] == "met"
+    paper = compare_to_reference(pd.DataFrame({"model": ["ReCLIP++ (rectify only)"], "mIoU": [84.6]}),
+                                 reference_numbers("paper", "voc")).set_index("model")
+    assert paper.loc["ReCLIP++ (rectify only)", "status"] == "met"  # 85.4 − 1.0 tolerance
+    assert reference_numbers("paper", "voc")["ReCLIP++ (rectify only)"]["target"] == 85.4
+
+
+def test_markdown_table():
+    md = markdown_table(pd.DataFrame({"a": ["x"], "b": [1.234], "c": [float("nan")]}), ".2f")
+    assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 1.23 | – |"]
+
+
+def test_parameter_checks_fail_fast():
+    assert check_parameters("toy", None, "cpu") == "toyworld"
+    with pytest.raises(ValueError, match="valid profiles: toy, paper"):
+        check_parameters("papr", None, "cpu")
+    with pytest.raises(ValueError, match="valid: voc, context"):
+        check_parameters("paper", "toyworld", "cpu")
+    with pytest.raises(ValueError, match="unknown notebook parameter"):
+        check_parameter_names({"n_vall": 3})
+    check_parameter_names({"n_val": 3, "grid": 2})
