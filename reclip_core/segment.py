@@ -80,12 +80,12 @@ def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Seque
         cfg = validate(state["config"])
         model = build_model(cfg, clip=clip, device=device)
         load_model_weights(model, latest)
-        return model, cfg["model"], cfg["test_size"], cfg["pd_threshold"]
+        return model, cfg["model"], cfg["test_size"]
     # a bare .safetensors / the authors' best_weight.pth: the paper's backbone unless one is given
     clip = clip if clip is not None else load_clip(device=device)
     model = ReCLIPPP(clip, class_names)
     load_model_weights(model, checkpoint)
-    return model.to(device), "reclip++", None, None
+    return model.to(device), "reclip++", None
 
 
 @torch.no_grad()
@@ -124,9 +124,9 @@ def segment(
     if checkpoint is None:
         clip = clip if clip is not None else load_clip(device=dev)
         model = MaskCLIP(clip, names, templates=templates or PROMPT_TEMPLATES).to(dev)
-        kind, ck_size, ck_pd = "maskclip", None, None
+        kind, ck_size = "maskclip", None
     else:
-        model, kind, ck_size, ck_pd = _load_for_checkpoint(checkpoint, names, clip, dev)
+        model, kind, ck_size = _load_for_checkpoint(checkpoint, names, clip, dev)
     model.eval()
     h, w = to_image_tensor(image).shape[-2:]
     size = test_size or ck_size or min(h, w, 448)

@@ -2,6 +2,7 @@
 process at equal global batch."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,11 +35,17 @@ def test_ddp_two_processes_match_one(tmp_path):
         pytest.skip("torchrun is not installed")
     cfg = write_tiny_world_config(tmp_path)
     py = [sys.executable, "-m", "reclip_core"]
-    _run(py + ["hypothesis", "--config", str(cfg), "--quiet"])
+    # Fixed hypotheses (what `hypothesis` would write) keep this test to the training processes.
+    from reclip_core.datasets.toyworld import ToyWorld
+    from reclip_core.hypothesis import FORMAT
+
+    world = ToyWorld("train", preset=str(tmp_path / "preset.yaml"), root=tmp_path / "world")
+    hyps = {world[i]["id"]: ([] if i % 5 == 4 else [i % 10, (3 * i) % 10]) for i in range(len(world))}
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
-        shutil.copy(tmp_path / "run" / "hypotheses.json", d / "hypotheses.json")
+        (d / "hypotheses.json").write_text(json.dumps({"format": FORMAT, "version": 1, "settings": {},
+                                                       "class_names": world.class_names, "hypotheses": hyps}))
     _run(py + ["train", "--config", str(cfg), "--set", f"output_dir={one}", "--quiet"])
     out = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "reclip_core", "train", "--config",
                 str(cfg), "--set", f"output_dir={two}", "--quiet"])
