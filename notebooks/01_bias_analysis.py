@@ -87,7 +87,7 @@ lab.save_figure(plots.plot_segmentations(ex["images"], {"truth": ex["labels"], "
 
 # %%
 if lab.profile == "toy":
-    bias_lab = rc.toy_lab.run_bias_lab(n_val=lab.cfg["max_val_images"])
+    bias_lab = rc.toy_lab.run_bias_lab(out_dir=rc.lab.RESULTS_DIR / "toy", n_val=lab.cfg["max_val_images"])
     import pandas as pd
 
     rows = [{"pretraining": name, "MaskCLIP mIoU": r["miou"], "chance mIoU": r["chance_miou"],

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from .atomic_io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
+from .reproduce import RESULTS_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "results"
 PROFILE_CONFIG = {"toy": "toy"}  # the paper profile uses the dataset's own config (voc.yaml, ...)
 
 

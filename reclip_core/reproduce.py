@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from .atomic_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-RESULTS_DIR = ROOT / "results"
+# RECLIP_RESULTS redirects every output (tests run notebooks without touching the committed results).
+RESULTS_DIR = Path(os.environ.get("RECLIP_RESULTS", ROOT / "results"))
 PROFILES = ("toy", "paper")
 PAPER_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
 DEFAULT_DATASET = {"toy": "toyworld", "paper": "voc"}
