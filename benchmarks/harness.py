@@ -202,3 +202,68 @@ def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5, dtype=t
     flops = 2.0 * n ** 3
     return {"gflops": flops / s["median"] / 1e9, "gflops_min": flops / s["max"] / 1e9,
             "gflops_max": flops / s["min"] / 1e9, "n": n}
+
+
+def text_encoder_flops(clip, n_prompts: int) -> int:
+    """FLOPs of ``n_prompts`` full-context passes of the CLIP text encoder (the Reference prompt
+    runs C of them): projections, attention products and MLP on all context tokens, plus the
+    final projection of the read-out token."""
+    blocks = clip.transformer.resblocks
+    c = clip.transformer.width
+    m = blocks[0].mlp.c_fc.out_features
+    n = clip.context_length
+    proj = clip.text_projection
+    D = proj.shape[1] if isinstance(proj, torch.Tensor) else getattr(proj, "out_features", c)
+    per = len(blocks) * (2 * n * (4 * c * c + 2 * c * m) + 4 * n * n * c) + 2 * c * D
+    return int(n_prompts * per)
+
+
+def bias_flops(clip, hw: int, num_classes: int) -> int:
+    """Positional feature (1×1 conv width → D on h·w positions) and the bias map (h·w·D·C)."""
+    d = _vit_dims(clip)
+    return 2 * hw * d["width"] * d["out_dim"] + 2 * hw * d["out_dim"] * num_classes
+
+
+def grid(clip, height: int, width: int) -> int:
+    p = _vit_dims(clip)["patch"]
+    return (-(-height // p)) * (-(-width // p))
+
+
+def ideal_eval_ratio(clip, height: int, width: int, num_classes: int) -> float:
+    """FLOPs of a release-style evaluation forward over ours (bias cached)."""
+    ours = eval_forward_flops(clip, height, width, num_classes)
+    extra = text_encoder_flops(clip, num_classes) + bias_flops(clip, grid(clip, height, width), num_classes)
+    return (ours + extra) / ours
+
+
+def train_step_flops(clip, crop: int, num_classes: int, batch: int, cached: bool) -> int:
+    """≈ FLOPs of one training step on ``batch`` views: dense features (none when cached), CLIP
+    logits and decoder per view, one Reference-prompt pass + positional feature + bias map per step,
+    and a backward ≈ the forward of the trainable path (input gradients through the frozen text
+    encoder, weight and input gradients of the decoder)."""
+    hw = grid(clip, crop, crop)
+    D = _vit_dims(clip)["out_dim"]
+    C = num_classes
+    dense = 0 if cached else dense_forward_flops(clip, crop, crop)
+    per_view = 2 * hw * D * C + 2 * hw * (D + C) * C * 25
+    shared = text_encoder_flops(clip, C) + bias_flops(clip, hw, C)
+    return batch * (dense + per_view) + shared + (shared + batch * 2 * per_view)
+
+
+def ideal_train_ratio(clip, crop: int, num_classes: int, n_images: int, batch: int, cached: bool) -> float:
+    release = n_images * train_step_flops(clip, crop, num_classes, 1, False)
+    ours = -(-n_images // batch) * train_step_flops(clip, crop, num_classes, batch, cached)
+    return release / ours
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``) so that the resident set
+    before the next measured path is its true baseline. No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,9 +1,10 @@
 """Our paths: the library's own public code, called the way the CLI and notebooks call it (the
 "ours" column of the benchmark table).
 
-- evaluation: :func:`reclip_core.evaluation.evaluate` — ``ReCLIPPP`` in eval mode under
-  ``no_grad`` computes the Reference features and the bias map once per input size, and the
-  predictions stream into ``SegMetric`` (no per-image files);
+- evaluation: the loop body of :func:`reclip_core.evaluation.evaluate` (:func:`ours_eval_image`,
+  tested equal to ``evaluate``) — ``ReCLIPPP`` in eval mode under ``no_grad`` computes the
+  Reference features and the bias map once per input size, and the predictions stream into
+  ``SegMetric`` (no per-image files);
 - hypotheses: :func:`reclip_core.hypothesis.window_vote` — windows packed into batched CLIP
   forwards;
 - training: the training loop's step (:func:`reclip_core.training._step`: one forward of a
@@ -53,6 +54,35 @@ def ours_evaluate(model, dataset, test_size: int, pd_threshold: float,
             h.remove()
 
 
+@torch.no_grad()
+def ours_eval_image(model, item: dict, test_size: int, pd_threshold: float, metrics: Dict[str, "SegMetric"],
+                    on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> None:
+    """One image exactly as the loop body of :func:`reclip_core.evaluation.evaluate` for the
+    ReCLIP++ head: test-size resize, the model forward (bias cached per input size), PD off and on,
+    the library's upsampling, argmax, streaming metrics (``metrics["no_pd"]``, ``metrics["pd"]``).
+    Timing needs images one at a time (``evaluate`` re-enters eval mode, which drops the cache,
+    once per call); tests check it equals ``evaluate``."""
+    import numpy as np
+
+    from reclip_core.evaluation import upsample_logits
+    from reclip_core.rectify import presence_filter
+    from reclip_core.transforms import eval_preprocess
+
+    patch = model.clip.visual.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    label = np.asarray(item["label"])
+    x = eval_preprocess(item["image"], test_size).to(model.clip.visual.conv1.weight.device)
+    if on_forward:
+        on_forward("start", x)
+    logits = model(images=x)["logits"]
+    if on_forward:
+        on_forward("end", logits)
+    label_t = torch.from_numpy(label.astype(np.int64))
+    for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
+        up = upsample_logits(lg, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
+        metrics[tag].update(up.argmax(dim=1)[0].cpu(), label_t)
+
+
 def _batches(data, batch_size: int):
     for start in range(0, len(data), batch_size):
         yield default_collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
@@ -79,5 +109,5 @@ def ours_feature_cache(model, views: TrainViews, batch_size: int, device: torch.
     return cache
 
 
-__all__ = ("window_geometry", "ours_hypothesis", "ours_evaluate", "ours_train_epoch", "ours_train_first_step",
+__all__ = ("window_geometry", "ours_hypothesis", "ours_evaluate", "ours_eval_image", "ours_train_epoch", "ours_train_first_step",
            "ours_feature_cache")

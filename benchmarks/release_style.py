@@ -51,35 +51,41 @@ def release_forward(model, images: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def release_evaluate(model, dataset, test_size: int, pd_threshold: float, pred_dir: Path,
-                     on_forward: Optional[Callable[[str, float], None]] = None) -> SegMetric:
-    """Evaluation the release way, image by image: test-size resize, forward with the bias
-    recomputed (:func:`release_forward`), PD, bilinear upsampling to the label size, argmax, a
-    prediction PNG per image in ``pred_dir``, and the dataset-level metric of the PD'd prediction.
-    Uses the library's preprocessing and upsampling so the numbers equal ours.
-    ``on_forward("start"|"end", tensor)`` brackets each forward (for timing)."""
+def release_eval_image(model, item: dict, test_size: int, pd_threshold: float, pred_dir: Path, metric: SegMetric,
+                       on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> None:
+    """One evaluation image the release way: test-size resize, forward with the bias recomputed
+    (:func:`release_forward`), PD, bilinear upsampling to the label size, argmax, a prediction PNG
+    in ``pred_dir``, and the metric of the PD'd prediction. Uses the library's preprocessing and
+    upsampling so the numbers equal ours. ``on_forward("start"|"end", tensor)`` brackets the
+    forward (for timing)."""
     from reclip_core.evaluation import upsample_logits
     from reclip_core.transforms import eval_preprocess
 
-    model.eval()
     patch = model.clip.visual.patch_size
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    label = np.asarray(item["label"])
+    x = eval_preprocess(item["image"], test_size).to(model.clip.visual.conv1.weight.device)
+    if on_forward:
+        on_forward("start", x)
+    logits = release_forward(model, x)["logits"]
+    if on_forward:
+        on_forward("end", logits)
+    logits = presence_filter(logits, pd_threshold)
+    up = upsample_logits(logits, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
+    pred = up.argmax(dim=1)[0].cpu()
+    Image.fromarray(pred.numpy().astype(np.uint8 if model.num_classes <= 256 else np.uint16)).save(
+        Path(pred_dir) / f"{item['id']}.png")
+    metric.update(pred, torch.from_numpy(label.astype(np.int64)))
+
+
+@torch.no_grad()
+def release_evaluate(model, dataset, test_size: int, pd_threshold: float, pred_dir: Path,
+                     on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> SegMetric:
+    """:func:`release_eval_image` over a labelled dataset → the dataset-level metric (PD)."""
+    model.eval()
     metric = SegMetric(model.num_classes)
     for i in range(len(dataset)):
-        item = dataset[i]
-        label = np.asarray(item["label"])
-        x = eval_preprocess(item["image"], test_size).to(model.clip.visual.conv1.weight.device)
-        if on_forward:
-            on_forward("start", x)
-        logits = release_forward(model, x)["logits"]
-        if on_forward:
-            on_forward("end", logits)
-        logits = presence_filter(logits, pd_threshold)
-        up = upsample_logits(logits, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
-        pred = up.argmax(dim=1)[0].cpu()
-        Image.fromarray(pred.numpy().astype(np.uint8 if model.num_classes <= 256 else np.uint16)).save(
-            Path(pred_dir) / f"{item['id']}.png")
-        metric.update(pred, torch.from_numpy(label.astype(np.int64)))
+        release_eval_image(model, dataset[i], test_size, pd_threshold, pred_dir, metric, on_forward)
     return metric
 
 
@@ -165,5 +171,5 @@ def release_train_epoch(model, optimizer, views, epoch: int, device: torch.devic
     return losses
 
 
-__all__ = ("release_forward", "release_evaluate", "release_hypothesis", "release_loss",
+__all__ = ("release_forward", "release_eval_image", "release_evaluate", "release_hypothesis", "release_loss",
            "release_loss_from_masks", "release_train_step", "release_train_epoch")

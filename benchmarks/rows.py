@@ -1,6 +1,6 @@
-"""The benchmark rows: sizes per mode, and for each (row, path) a setup that builds the inputs
-outside the timed region and exposes ``warmup()``, ``run() -> {name: seconds}`` and
-``extra() -> dict``.
+"""The benchmark rows: sizes per mode, and for each row a setup that builds the inputs of all its
+paths outside the timed region; :func:`run_row` times the paths interleaved (so a change of load
+on a shared machine hits both paths alike) and measures each path's peak memory.
 
 Every worker seeds ``torch.manual_seed(0)`` before ``load_clip(arch, pretrained=None)`` and before
 building the ReCLIP++ heads, so all paths of all rows share the same random weights.
@@ -16,13 +16,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from reclip_core import class_names
+from reclip_core.metrics import SegMetric
 from reclip_core.model import ReCLIPPP
 from reclip_core.text import text_embeddings
 
 from . import harness
-from .ours import (ours_evaluate, ours_feature_cache, ours_hypothesis, ours_train_epoch, ours_train_first_step,
+from .ours import (ours_eval_image, ours_feature_cache, ours_hypothesis, ours_train_epoch, ours_train_first_step,
                    window_geometry)
-from .release_style import release_evaluate, release_hypothesis, release_train_epoch, release_train_step
+from .release_style import release_eval_image, release_hypothesis, release_train_epoch, release_train_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,38 +91,44 @@ def _heads(clip, dataset: str, text: torch.Tensor, device: torch.device) -> ReCL
     return ReCLIPPP(clip, class_names(dataset), templates=BENCH_TEMPLATES, text=text).to(device)
 
 
-class Setup:
-    """One (row, path), ready to time."""
+class RowSetup:
+    """One row, ready to time: ``warmup(path)``, ``run(path) -> {name: seconds}``,
+    ``extra(path) -> dict``, ``output(path)`` (a result to compare between paths, or None)."""
 
-    def warmup(self) -> None:
-        self.run()
+    paths: tuple = ()
 
-    def run(self) -> Dict[str, float]:
+    def warmup(self, path: str) -> None:
+        self.run(path)
+
+    def prepare(self, path: str) -> None:
+        """Called before each timed run, outside its timing and its memory measurement."""
+
+    def run(self, path: str) -> Dict[str, float]:
         raise NotImplementedError
 
-    def extra(self) -> Dict[str, object]:
+    def extra(self, path: str) -> Dict[str, object]:
         return {}
 
-    def output(self):
-        """A result to compare between paths (first run), or None."""
+    def output(self, path: str):
         return None
+
+    def row_extra(self) -> Dict[str, object]:
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. evaluation
 # ---------------------------------------------------------------------------------------------
-class EvalSetup(Setup):
-    """One pass over ``1 + repeats`` labelled images of the original size ``cfg["image"]``
-    (resized to the test size inside): ours through ``reclip_core.evaluation.evaluate``, the
-    release-style loop through :func:`release_evaluate`. The first image is the warm-up (it also
-    carries our once-per-size bias computation); forward and per-image step times of the others
-    are the timed repeats."""
+class EvalSetup(RowSetup):
+    """``1 + repeats`` labelled images of the original size ``cfg["image"]`` (resized to the test
+    size inside). Image 0 is each path's warm-up (ours computes its bias map there, once per input
+    size); images 1.. are the timed repeats, both paths on the same image in turn. One model: the
+    release-style path never touches our cache."""
 
-    passes = 1
+    paths = ("ours", "release")
 
-    def __init__(self, clip, cfg: dict, path: str, device: torch.device, text: torch.Tensor,
-                 arch: str, amp: Optional[str], n_timed: int):
-        self.clip, self.cfg, self.path, self.device = clip, cfg, path, device
+    def __init__(self, clip, cfg: dict, device: torch.device, text: torch.Tensor, n_timed: int):
+        self.clip, self.cfg, self.device = clip, cfg, device
         self.model = _heads(clip, cfg["dataset"], text, device).eval()
         self.C = self.model.num_classes
         g = torch.Generator().manual_seed(123)
@@ -133,97 +140,89 @@ class EvalSetup(Setup):
             label[torch.rand(label.shape, generator=g) < 0.05] = 255
             self.dataset.append({"id": f"img{i:05d}", "image": image, "label": label.numpy()})
         self.sync = harness.make_sync(device)
+        self.metrics = {"ours": {"no_pd": SegMetric(self.C), "pd": SegMetric(self.C)},
+                        "release": SegMetric(self.C)}
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench_preds_")
+        self._next = {"ours": 0, "release": 0}
+        self._first: Dict[str, torch.Tensor] = {}
         self._events: List[tuple] = []
-        self._first = None
-        self._input = None
+        self.roofline: List[dict] = []
+        self.first_image: Dict[str, dict] = {}
+        self._mm = None
 
-    def warmup(self) -> None:  # the first image of the pass is the warm-up
-        pass
-
-    def _on_forward(self, event: str, tensor) -> None:
+    def _on_forward(self, path: str, event: str, tensor) -> None:
         self.sync()
-        if event == "start" and self.path == "ours":
-            # This machine's matmul rate right before each forward (row 4 pairs them, so a change
-            # of load between the two measurements matters less); its time is taken out of the
-            # step time of the previous image below.
-            t0 = time.perf_counter()
-            self._matmul.append(harness.matmul_gflops(self.device, repeats=3))
-            self._bursts.append(time.perf_counter() - t0)
         self._events.append((event, time.perf_counter()))
-        if event == "end" and self._first is None:
-            self._first = tensor.detach().float().cpu()
-            self._input = [int(tensor.shape[-2]), int(tensor.shape[-1])]
+        if event == "end" and self._next[path] == 1 and path not in self._first:
+            self._first[path] = tensor.detach().float().cpu()  # logits of the first timed image
 
-    def run(self) -> Dict[str, List[float]]:
-        self._events, self._matmul, self._bursts = [], [], []
-        if self.path == "ours":
-            report = ours_evaluate(self.model, self.dataset, self.cfg["test_size"], self.cfg["pd"], self._on_forward)
-            self.confusion = report.metrics["reclip++"]["pd"].confusion.copy()
+    def warmup(self, path: str) -> None:
+        out = self.run(path)
+        self.first_image[path] = out
+
+    def prepare(self, path: str) -> None:
+        if path == "ours":
+            # This machine's matmul rate right before the forward: row 4 pairs the two, so a change
+            # of load between them matters less. Outside the timed step and its memory.
+            self._mm = harness.matmul_gflops(self.device, repeats=3)
+
+    def run(self, path: str) -> Dict[str, float]:
+        i = self._next[path]
+        self._next[path] += 1
+        item = self.dataset[i]
+        mm, self._mm = (self._mm, None) if i > 0 else (None, None)
+        self._events = []
+        t0 = time.perf_counter()
+        if path == "ours":
+            ours_eval_image(self.model, item, self.cfg["test_size"], self.cfg["pd"], self.metrics["ours"],
+                            lambda e, t: self._on_forward(path, e, t))
         else:
-            with tempfile.TemporaryDirectory(prefix="bench_preds_") as tmp:
-                metric = release_evaluate(self.model, self.dataset, self.cfg["test_size"], self.cfg["pd"], Path(tmp),
-                                          self._on_forward)
-                self.prediction_files = len(list(Path(tmp).iterdir()))
-            self.confusion = metric.confusion.copy()
+            release_eval_image(self.model, item, self.cfg["test_size"], self.cfg["pd"], Path(self._tmp.name),
+                               self.metrics["release"], lambda e, t: self._on_forward(path, e, t))
         self.sync()
-        t_end = time.perf_counter()
-        starts = [t for e, t in self._events if e == "start"]
-        ends = [t for e, t in self._events if e == "end"]
-        forward = [e - s for s, e in zip(starts, ends)]
-        step = [b - a for a, b in zip(starts, starts[1:] + [t_end])]
-        if self._bursts:  # the burst before forward i+1 ran inside step i
-            step = [st - (self._bursts[i + 1] if i + 1 < len(self._bursts) else 0.0) for i, st in enumerate(step)]
-            self.roofline = [{"forward_s": f, "matmul_gflops": m["gflops"]}
-                             for f, m in zip(forward[1:], self._matmul[1:])]
-        self.first_image = {"forward": forward[0], "step": step[0]}
-        return {"forward": forward[1:], "step": step[1:]}
+        step = time.perf_counter() - t0
+        (_, s), (_, e) = self._events
+        if mm is not None:
+            self.roofline.append({"forward_s": e - s, "matmul_gflops": mm["gflops"]})
+        return {"forward": e - s, "step": step}
 
-    def output(self):
-        return {"logits": self._first, "confusion": torch.from_numpy(self.confusion)}
+    def output(self, path: str):
+        cm = self.metrics["ours"]["pd"] if path == "ours" else self.metrics["release"]
+        return {"logits": self._first.get(path), "confusion": torch.from_numpy(cm.confusion.copy())}
 
-    def extra(self) -> Dict[str, object]:
-        H, W = self._input[0] * self._patch(), self._input[1] * self._patch()
-        out: Dict[str, object] = {"classes": self.C, "image": list(self.cfg["image"]),
-                                  "grid": list(self._input), "test_size": self.cfg["test_size"],
-                                  "first_image": self.first_image}
-        if self.path == "ours":
-            h, w = self._test_hw()
-            out["input"] = [h, w]
-            out["flops_forward"] = harness.eval_forward_flops(self.clip, h, w, self.C)
-            out["flops_dense"] = harness.dense_forward_flops(self.clip, h, w)
-            out["roofline"] = self.roofline
-        else:
-            out["input"] = list(self._test_hw())
-            out["prediction_files"] = self.prediction_files
-        return out
-
-    def _patch(self) -> int:
-        ps = self.clip.visual.patch_size
-        return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
-
-    def _test_hw(self):
+    def extra(self, path: str) -> Dict[str, object]:
         from reclip_core.transforms import keep_ratio_size
 
         H, W = self.cfg["image"]
-        return keep_ratio_size(H, W, 2048, self.cfg["test_size"])
+        h, w = keep_ratio_size(H, W, 2048, self.cfg["test_size"])
+        out: Dict[str, object] = {"classes": self.C, "image": [H, W], "input": [h, w],
+                                  "test_size": self.cfg["test_size"], "warmup_image": self.first_image.get(path)}
+        if path == "ours":
+            out["flops_forward"] = harness.eval_forward_flops(self.clip, h, w, self.C)
+            out["roofline"] = self.roofline
+            out["ideal_ratio"] = harness.ideal_eval_ratio(self.clip, h, w, self.C)
+        else:
+            out["prediction_files"] = len(list(Path(self._tmp.name).iterdir()))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. training
 # ---------------------------------------------------------------------------------------------
-class TrainSetup(Setup):
-    """N unlabeled images of ``cfg["image"]`` with random hypotheses, the library's label-free
-    training views at the dataset's crop; ours in mini-batches through the library's training
-    step (optionally on its feature cache), release-style at batch 1 with the per-class loop."""
+class TrainSetup(RowSetup):
+    """N unlabeled images of ``cfg["image"]`` with random hypotheses and the library's label-free
+    training views at the dataset's crop. Three copies of the same initial heads: ours in
+    mini-batches through the library's training step, ours on the library's feature cache, and
+    release-style at batch 1 with the per-class loop."""
 
-    def __init__(self, clip, cfg: dict, path: str, device: torch.device, text: torch.Tensor,
-                 arch: str, amp: Optional[str], n_timed: int):
+    paths = ("ours", "ours_cached", "release")
+
+    def __init__(self, clip, cfg: dict, device: torch.device, text: torch.Tensor, n_timed: int):
         from reclip_core.training import TrainViews
         from reclip_core.transforms import TrainTransform
 
-        self.cfg, self.path, self.device = cfg, path, device
-        self.model = _heads(clip, cfg["dataset"], text, device)
-        C = self.model.num_classes
+        self.clip, self.cfg, self.device = clip, cfg, device
+        C = len(class_names(cfg["dataset"]))
         g = torch.Generator().manual_seed(321)
         n, crop = cfg["n_images"], cfg["crop"]
         H, W = cfg["image"]
@@ -234,41 +233,49 @@ class TrainSetup(Setup):
             k = int(torch.randint(1, 4, (1,), generator=g))
             hyps[f"img{i:05d}"] = sorted(torch.randperm(C, generator=g)[:k].tolist())
         self.views = TrainViews(items, hyps, C, TrainTransform(crop, (2048, crop), (0.5, 2.0)), seed=0)
-        self.opt = torch.optim.SGD(self.model.trainable_parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=5e-4)
+        self.models, self.opts, self.data = {}, {}, {}
+        for path in self.paths:
+            model = _heads(clip, cfg["dataset"], text, device)  # same seed: identical initial heads
+            self.models[path] = model
+            self.opts[path] = torch.optim.SGD(model.trainable_parameters(), lr=cfg["lr"], momentum=0.9,
+                                              weight_decay=5e-4)
+            self.data[path] = self.views
         self.sync = harness.make_sync(device)
-        self.data = self.views
-        self.cache_seconds = None
-        if path == "ours_cached":
-            t0 = time.perf_counter()
-            self.data = ours_feature_cache(self.model, self.views, cfg["batch"], device)
-            self.sync()
-            self.cache_seconds = time.perf_counter() - t0
-        self.model.train()
-        self.epoch = 0
+        t0 = time.perf_counter()
+        self.data["ours_cached"] = ours_feature_cache(self.models["ours_cached"], self.views, cfg["batch"], device)
+        self.sync()
+        self.cache_seconds = time.perf_counter() - t0
+        self.epoch = {p: 0 for p in self.paths}
 
-    def warmup(self) -> None:  # one optimiser step (not a whole epoch)
-        if self.path == "release":
+    def warmup(self, path: str) -> None:  # one optimiser step (not a whole epoch)
+        model, opt = self.models[path], self.opts[path]
+        if path == "release":
+            model.train()
             item = self.views[0]
-            release_train_step(self.model, self.opt, item["image"].unsqueeze(0).to(self.device),
+            release_train_step(model, opt, item["image"].unsqueeze(0).to(self.device),
                                item["hyp"].nonzero().flatten().tolist())
         else:
-            ours_train_first_step(self.model, self.opt, self.data, self.cfg["batch"], self.device)
+            ours_train_first_step(model, opt, self.data[path], self.cfg["batch"], self.device)
         self.sync()
 
-    def run(self) -> Dict[str, float]:
-        self.epoch += 1
+    def run(self, path: str) -> Dict[str, float]:
+        self.epoch[path] += 1
+        model, opt = self.models[path], self.opts[path]
         t0 = time.perf_counter()
-        if self.path == "release":
-            release_train_epoch(self.model, self.opt, self.views, self.epoch, self.device)
+        if path == "release":
+            release_train_epoch(model, opt, self.views, self.epoch[path], self.device)
         else:
-            ours_train_epoch(self.model, self.opt, self.data, self.cfg["batch"], self.epoch, self.device)
+            ours_train_epoch(model, opt, self.data[path], self.cfg["batch"], self.epoch[path], self.device)
         self.sync()
         return {"epoch": time.perf_counter() - t0}
 
-    def extra(self) -> Dict[str, object]:
-        out = {"n_images": self.cfg["n_images"], "crop": self.cfg["crop"],
-               "batch": 1 if self.path == "release" else self.cfg["batch"]}
-        if self.cache_seconds is not None:
+    def extra(self, path: str) -> Dict[str, object]:
+        cfg = self.cfg
+        out = {"n_images": cfg["n_images"], "crop": cfg["crop"], "batch": 1 if path == "release" else cfg["batch"]}
+        if path != "release":
+            out["ideal_ratio"] = harness.ideal_train_ratio(self.clip, cfg["crop"], self.models[path].num_classes,
+                                                           cfg["n_images"], cfg["batch"], path == "ours_cached")
+        if path == "ours_cached":
             out["cache_build_seconds"] = self.cache_seconds
         return out
 
@@ -276,19 +283,22 @@ class TrainSetup(Setup):
 # ---------------------------------------------------------------------------------------------
 # 3. hypotheses
 # ---------------------------------------------------------------------------------------------
-class HypSetup(Setup):
+class HypSetup(RowSetup):
     """One image of ``cfg["image"]``; the timed region is ``cfg["region"]`` (top-left part of the
     image holding a subset of its windows, to bound CPU time) or the whole image."""
 
-    def __init__(self, clip, cfg: dict, path: str, device: torch.device, text: torch.Tensor,
-                 arch: str, amp: Optional[str], n_timed: int):
+    paths = ("ours", "release")
+
+    def __init__(self, clip, cfg: dict, device: torch.device, text: torch.Tensor, n_timed: int):
         from reclip_core.transforms import clip_input_size, window_boxes
 
-        self.clip, self.cfg, self.path, self.device = clip, cfg, path, device
+        self.clip, self.cfg, self.device = clip, cfg, device
         self.text = text.to(device)
         g = torch.Generator().manual_seed(555)
         H, W = cfg["image"]
-        self.image = torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8)
+        # Blocks of random colour (28 px) so that windows see different content.
+        cells = torch.randint(0, 256, (3, -(-H // 28), -(-W // 28)), generator=g, dtype=torch.uint8)
+        self.image = cells.repeat_interleave(28, 1).repeat_interleave(28, 2)[:, :H, :W].contiguous()
         self.window, self.stride = window_geometry(cfg["crop"])
         self.input_size = clip_input_size(clip)
         self.n_windows_image = len(window_boxes(H, W, self.window, self.stride))
@@ -296,35 +306,35 @@ class HypSetup(Setup):
         self.timed = self.image if region is None else self.image[:, :region[0], :region[1]]
         self.n_windows = len(window_boxes(self.timed.shape[-2], self.timed.shape[-1], self.window, self.stride))
         self.sync = harness.make_sync(device)
-        self._first = None
+        self._first: Dict[str, object] = {}
 
-    def _hypothesis(self, image: torch.Tensor):
-        if self.path == "ours":
+    def _hypothesis(self, path: str, image: torch.Tensor):
+        if path == "ours":
             return ours_hypothesis(self.clip, image, self.text, self.window, self.stride, self.input_size,
                                    batch_size=self.cfg["chunk"])
         return release_hypothesis(self.clip, image, self.text, self.window, self.stride, self.input_size)[0]
 
-    def warmup(self) -> None:  # a corner of the image holding 2 × 2 windows
+    def warmup(self, path: str) -> None:  # a corner of the image holding 2 × 2 windows
         side = self.window + self.stride
-        self._hypothesis(self.image[:, :side, :side])
+        self._hypothesis(path, self.image[:, :side, :side])
         self.sync()
 
-    def run(self) -> Dict[str, float]:
+    def run(self, path: str) -> Dict[str, float]:
         t0 = time.perf_counter()
-        hyp = self._hypothesis(self.timed)
+        hyp = self._hypothesis(path, self.timed)
         self.sync()
         dt = time.perf_counter() - t0
-        if self._first is None:
-            self._first = {"hypothesis": hyp}
+        self._first.setdefault(path, {"hypothesis": hyp})
         return {"image": dt}
 
-    def output(self):
-        return self._first
+    def output(self, path: str):
+        return self._first.get(path)
 
-    def extra(self) -> Dict[str, object]:
+    def extra(self, path: str) -> Dict[str, object]:
         return {"windows": self.n_windows, "windows_image": self.n_windows_image, "window": self.window,
                 "stride": self.stride, "input_size": self.input_size, "image": list(self.cfg["image"]),
-                "region": list(self.timed.shape[-2:]), "batch": self.cfg["chunk"]}
+                "region": list(self.timed.shape[-2:]), "batch": self.cfg["chunk"] if path == "ours" else 1,
+                "ideal_ratio": 1.0}
 
 
 SETUPS = {"eval": EvalSetup, "train": TrainSetup, "hyp": HypSetup}
@@ -338,41 +348,55 @@ def amp_context(device: torch.device, amp: Optional[str]):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def run_one(row: str, path: str, mode: str, device: torch.device, repeats: Optional[int] = None,
-            warmup: int = 1, amp: Optional[str] = None, cache_dir: Optional[Path] = None,
-            clip=None) -> Dict[str, object]:
-    """Set up and time one (row, path); returns timings, peak memory and extras."""
+def run_row(row: str, mode: str, device: torch.device, repeats: Optional[int] = None,
+            amp: Optional[str] = None, cache_dir: Optional[Path] = None, clip=None) -> Dict[str, object]:
+    """Set up one row and time all its paths, interleaved: one warm-up per path, then ``repeats``
+    rounds in which every path runs once (the order alternates between rounds). Peak memory of a
+    path is measured over its first timed run, from a trimmed heap. Returns per-path timings,
+    memory, extras and outputs, and the per-round ratios release-style / ours."""
+    if row not in ROW_KIND:
+        raise ValueError(f"unknown row {row!r}; valid rows: {', '.join(ROW_KIND)}.")
     cfg_all = dict(MODES[mode])
     over = cfg_all.get(device.type, {}) if device.type != "cpu" else {}
     cfg = dict(cfg_all[row], **over.get(row, {}))
-    cfg_all["repeats"] = dict(cfg_all["repeats"], **over.get("repeats", {}))
-    kind = ROW_KIND[row]
-    if path not in PATHS[row]:
-        raise ValueError(f"row {row!r} has paths {PATHS[row]}, not {path!r}.")
+    reps = dict(cfg_all["repeats"], **over.get("repeats", {}))
+    n_rep = repeats if repeats is not None else reps[row]
     load_start = harness.load_average()
     t_setup = time.perf_counter()
     if clip is None:
         clip = load_model(cfg_all["arch"], device)
     text = fixed_text(clip, cfg["dataset"], cfg_all["arch"], cache_dir)
-    n_rep = repeats if repeats is not None else cfg_all["repeats"][row]
-    setup = SETUPS[kind](clip, cfg, path, device, text, cfg_all["arch"], amp, n_rep)
+    setup = SETUPS[ROW_KIND[row]](clip, cfg, device, text, n_rep)
     setup_seconds = time.perf_counter() - t_setup
-    mem = harness.PeakMemory(device)
-    timings: Dict[str, List[float]] = {}
-    mem.start()
+    paths = setup.paths
+    timings: Dict[str, Dict[str, List[float]]] = {p: {} for p in paths}
+    memory: Dict[str, dict] = {}
+    loads: Dict[str, List] = {p: [] for p in paths}
     with amp_context(device, amp):
-        for _ in range(warmup):
-            setup.warmup()
-        for _ in range(getattr(setup, "passes", n_rep)):
-            for k, v in setup.run().items():
-                timings.setdefault(k, []).extend(v if isinstance(v, list) else [v])
-    memory = mem.stop()
-    extra = setup.extra()
-    return {
-        "row": row, "path": path, "mode": mode, "amp": amp, "device": str(device),
-        "threads": torch.get_num_threads(), "repeats": n_rep, "warmup": warmup,
-        "timings": timings, "stats": {k: harness.summarize(v) for k, v in timings.items()},
-        "memory": memory, "extra": extra, "setup_seconds": setup_seconds,
-        "load_start": load_start, "load_end": harness.load_average(),
-        "output": setup.output(),
-    }
+        for p in paths:
+            setup.warmup(p)
+        for r in range(n_rep):
+            for p in (paths if r % 2 == 0 else tuple(reversed(paths))):
+                loads[p].append(harness.load_average())
+                setup.prepare(p)
+                if r == 0:
+                    harness.trim_heap()
+                    mem = harness.PeakMemory(device)
+                    mem.start()
+                for k, v in setup.run(p).items():
+                    timings[p].setdefault(k, []).append(v)
+                if r == 0:
+                    memory[p] = mem.stop()
+    out_paths = {}
+    for p in paths:
+        out_paths[p] = {"timings": timings[p], "stats": {k: harness.summarize(v) for k, v in timings[p].items()},
+                        "memory": memory.get(p), "extra": setup.extra(p), "output": setup.output(p),
+                        "load": [x[0] if x else None for x in loads[p]]}
+    rounds = {}
+    for p in paths:
+        if p == "release":
+            continue
+        rounds[p] = {k: [rv / ov for rv, ov in zip(timings["release"][k], timings[p][k])] for k in timings[p]}
+    return {"row": row, "mode": mode, "amp": amp, "device": str(device), "threads": torch.get_num_threads(),
+            "repeats": n_rep, "setup_seconds": setup_seconds, "paths": out_paths, "round_ratios": rounds,
+            "load_start": load_start, "load_end": harness.load_average()}

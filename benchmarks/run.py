@@ -5,8 +5,8 @@ table and writes ``results/benchmarks.md`` (atomically).
                              [--out results/benchmarks.md] [--with-reproduce | --no-reproduce]
                              [--threads N] [--in-process]
 
-Each (row, path) runs in its own worker process (``--worker``) so its peak memory is measured
-alone; ``--in-process`` runs everything in this process (faster; memory then not reported).
+Each row runs in its own worker process (``--worker``), its paths interleaved, so its memory is measured
+alone; ``--in-process`` runs everything in this process (faster; no worker start-up).
 See docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import harness
-from .rows import MODES, PATHS, ROW_KIND, run_one
+from .rows import MODES, ROW_KIND, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "benchmarks.md"
@@ -35,7 +35,7 @@ REPRODUCE_TARGET_S = 600.0
 RATIO_ROWS = [
     ("1a", "eval_voc", "forward", 2.0, "Evaluation forward, VOC size"),
     ("1b", "eval_ade", "forward", 4.0, "Evaluation forward, ADE size"),
-    ("1c", "eval_voc", "step", None, "Evaluation per image, whole step (resize, forward, PD, upsample, argmax, metric; ours: `evaluate`, also scores without PD; release-style: PD only + a prediction PNG), VOC size"),
+    ("1c", "eval_voc", "step", None, "Evaluation per image, whole step (resize, forward, PD, upsample, argmax, metric; ours: the per-image body of `evaluate`, also scores without PD; release-style: PD only + a prediction PNG), VOC size"),
     ("1d", "eval_ade", "step", None, "Evaluation step per image, ADE size"),
     ("2a", "train", "epoch", 3.0, "Training, one epoch"),
     ("2b", "train", "epoch", 3.0, "Training, one epoch, ours on cached CLIP features"),
@@ -50,13 +50,15 @@ def _worker_main(spec: dict, out_path: Path) -> int:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = harness_device(spec["device"])
-    res = run_one(spec["row"], spec["path"], spec["mode"], device, repeats=spec.get("repeats"),
-                  amp=spec.get("amp"), cache_dir=Path(spec["cache_dir"]))
-    output = res.pop("output")
-    if output is not None:
-        out_file = Path(spec["cache_dir"]) / f"out_{spec['row']}_{spec['path']}_{spec.get('amp') or 'fp32'}.pt"
-        torch.save(output, out_file)
-        res["output_file"] = str(out_file)
+    res = run_row(spec["row"], spec["mode"], device, repeats=spec.get("repeats"), amp=spec.get("amp"),
+                  cache_dir=Path(spec["cache_dir"]))
+    tag = spec.get("amp") or "fp32"
+    for path, pres in res["paths"].items():
+        output = pres.pop("output")
+        if output is not None:
+            out_file = Path(spec["cache_dir"]) / f"out_{spec['row']}_{path}_{tag}.pt"
+            torch.save(output, out_file)
+            pres["output_file"] = str(out_file)
     from reclip_core.atomic_io import atomic_write_json
 
     atomic_write_json(out_path, res)
@@ -70,19 +72,20 @@ def harness_device(name: str) -> torch.device:
 
 
 def run_worker_subprocess(spec: dict, workdir: Path, timeout: float) -> dict:
-    out = workdir / f"res_{spec['row']}_{spec['path']}_{spec.get('amp') or 'fp32'}.json"
+    out = workdir / f"res_{spec['row']}_{spec.get('amp') or 'fp32'}.json"
     cmd = [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec), "--worker-out", str(out)]
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"benchmark worker {spec['row']}/{spec['path']} failed (rc={proc.returncode}):\n"
+        raise RuntimeError(f"benchmark worker {spec['row']} failed (rc={proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
     res = json.loads(out.read_text())
     res["worker_seconds"] = time.perf_counter() - t0
-    if "output_file" in res:
-        res["output"] = torch.load(res.pop("output_file"), map_location="cpu", weights_only=False)
+    for pres in res["paths"].values():
+        pres["output"] = torch.load(pres.pop("output_file"), map_location="cpu", weights_only=False) \
+            if "output_file" in pres else None
     return res
 
 
@@ -126,37 +129,42 @@ def _spread(st: dict) -> str:
     return s + f", n={st['n']}"
 
 
-def _mem(res: dict) -> str:
-    m = res.get("memory")
+def _mem(pres: dict) -> str:
+    m = pres.get("memory")
     if not m or m.get("peak_mb") is None:
         return "n/a"
     return f"{m['peak_mb']:.0f} MB"
 
 
-def _load(res: dict) -> str:
-    a, b = res.get("load_start"), res.get("load_end")
-    return f"{a[0]:.1f}→{b[0]:.1f}" if a and b else "?"
+def _loads(pres: dict) -> str:
+    vals = [f"{x:.1f}" for x in pres.get("load") or [] if x is not None]
+    return "/".join(vals) if vals else "?"
 
 
-def build_rows(results: Dict[Tuple[str, str, str], dict], amp_tags: List[str], reproduce: Optional[dict]) -> List[dict]:
+def build_rows(results: Dict[Tuple[str, str], dict], amp_tags: List[str], reproduce: Optional[dict]) -> List[dict]:
+    """Table rows from the row results ``results[(row, amp tag)]``. The ratio is the median over
+    rounds of release-style time / ours time (both measured in the same round)."""
     rows = []
     for tag in amp_tags:
         suffix = "" if tag == "fp32" else f" [{tag} autocast]"
         for rid, row, key, target, label in RATIO_ROWS:
+            res = results.get((row, tag))
+            if res is None:
+                continue
             ours_path = "ours_cached" if rid == "2b" else "ours"
-            ours = results.get((row, ours_path, tag))
-            rel = results.get((row, "release", tag))
+            ours, rel = res["paths"].get(ours_path), res["paths"].get("release")
             if ours is None or rel is None:
                 continue
             so, sr = ours["stats"][key], rel["stats"][key]
-            ratio = sr["median"] / so["median"]
+            per_round = res["round_ratios"][ours_path][key]
+            ratio = statistics.median(per_round)
+            ex_o = ours["extra"]
             desc = label
-            ex_o, ex_r = ours["extra"], rel["extra"]
             if row.startswith("eval"):
                 desc += (f" (C={ex_o['classes']}, {ex_o['image'][0]}×{ex_o['image'][1]} image → "
                          f"{ex_o['input'][0]}×{ex_o['input'][1]} input)")
             elif row == "train":
-                desc += (f" over N={ex_o['n_images']} views of {ex_o['crop']}² (ours batch {ex_o['batch']}, "
+                desc += (f" over N={ex_o['n_images']} images, crop {ex_o['crop']} (ours batch {ex_o['batch']}, "
                          f"release-style batch 1)")
                 if "cache_build_seconds" in ex_o:
                     desc += f"; one-off cache build {_fmt_s(ex_o['cache_build_seconds'])} not included"
@@ -170,23 +178,29 @@ def build_rows(results: Dict[Tuple[str, str, str], dict], amp_tags: List[str], r
                              f"{ex_o['windows']} windows, both paths; per whole image ≈ "
                              f"{_fmt_s(so['median'] * scale)} vs {_fmt_s(sr['median'] * scale)}")
                 desc += ")"
+            ideal = ex_o.get("ideal_ratio") if key != "step" else None
             rows.append({
                 "id": rid + ("" if tag == "fp32" else "-" + tag), "what": desc + suffix,
                 "ours": _fmt_s(so["median"]), "release": _fmt_s(sr["median"]), "ratio": f"{ratio:.2f}×",
+                "ideal": f"{ideal:.2f}×" if ideal else "—",
                 "target": f"≥ {target:g}×" if target else "—",
                 "result": ("met" if ratio >= target else "MISSED") if target else "(info)",
                 "spread_ours": _spread(so), "spread_release": _spread(sr),
+                "rounds": ", ".join(f"{r:.2f}" for r in per_round),
                 "mem_ours": _mem(ours), "mem_release": _mem(rel),
                 "same": same_output(ours.get("output"), rel.get("output")) or "—",
-                "load": f"{_load(ours)} / {_load(rel)}",
+                "load": f"{_loads(ours)} / {_loads(rel)}",
             })
         for rid, row in (("4a", "eval_voc"), ("4b", "eval_ade")):
-            ours = results.get((row, "ours", tag))
-            if ours is None or "roofline" not in ours["extra"]:
+            res = results.get((row, tag))
+            if res is None or "roofline" not in res["paths"]["ours"]["extra"]:
                 continue
+            ours = res["paths"]["ours"]
             ex = ours["extra"]
             flops = ex["flops_forward"]
             pairs = ex["roofline"]
+            if not pairs:
+                continue
             achieved = [flops / p["forward_s"] / 1e9 for p in pairs]
             matmul = [p["matmul_gflops"] for p in pairs]
             fracs = [a / m for a, m in zip(achieved, matmul)]
@@ -199,11 +213,12 @@ def build_rows(results: Dict[Tuple[str, str, str], dict], amp_tags: List[str], r
                          + suffix),
                 "ours": f"{statistics.median(achieved):.1f} GFLOP/s",
                 "release": f"matmul {statistics.median(matmul):.1f} GFLOP/s",
-                "ratio": f"{100 * frac:.0f}%", "target": "≥ 50%", "result": "met" if frac >= 0.5 else "MISSED",
-                "spread_ours": f"{min(achieved):.1f}–{max(achieved):.1f} GFLOP/s; ratios "
-                               + ", ".join(f"{100 * f:.0f}%" for f in fracs),
+                "ratio": f"{100 * frac:.0f}%", "ideal": "—", "target": "≥ 50%",
+                "result": "met" if frac >= 0.5 else "MISSED",
+                "spread_ours": f"{min(achieved):.1f}–{max(achieved):.1f} GFLOP/s",
                 "spread_release": f"{min(matmul):.1f}–{max(matmul):.1f} GFLOP/s",
-                "mem_ours": _mem(ours), "mem_release": "—", "same": "—", "load": _load(ours),
+                "rounds": ", ".join(f"{100 * f:.0f}%" for f in fracs),
+                "mem_ours": _mem(ours), "mem_release": "—", "same": "—", "load": _loads(ours),
             })
     if reproduce is not None:
         wall = reproduce.get("seconds")
@@ -211,18 +226,21 @@ def build_rows(results: Dict[Tuple[str, str, str], dict], amp_tags: List[str], r
         rows.append({
             "id": "5", "what": f"Toy `{reproduce['command']}` wall time (one run)",
             "ours": _fmt_s(wall) if wall is not None else "n/a", "release": "—",
-            "ratio": "—", "target": f"< {REPRODUCE_TARGET_S:.0f} s",
-            "result": ("met" if ok and wall < REPRODUCE_TARGET_S else "MISSED") if ok else f"FAILED (rc={reproduce.get('returncode')})",
-            "spread_ours": "n=1", "spread_release": "—", "mem_ours": reproduce.get("peak_rss", "n/a"),
+            "ratio": "—", "ideal": "—", "target": f"< {REPRODUCE_TARGET_S:.0f} s",
+            "result": ("met" if wall < REPRODUCE_TARGET_S else "MISSED") if ok
+            else f"FAILED (rc={reproduce.get('returncode')})",
+            "spread_ours": "n=1", "spread_release": "—", "rounds": "—", "mem_ours": reproduce.get("peak_rss", "n/a"),
             "mem_release": "—", "same": "—", "load": reproduce.get("load", "?"),
         })
     return rows
 
 
 COLUMNS = [("id", "#"), ("what", "row"), ("ours", "ours (median)"), ("release", "release-style (median)"),
-           ("ratio", "ratio"), ("target", "target"), ("result", "met?"), ("spread_ours", "spread ours"),
+           ("ratio", "ratio"), ("target", "target"), ("result", "met?"), ("ideal", "ideal (FLOP ratio)"),
+           ("rounds", "ratio per round"), ("spread_ours", "spread ours"),
            ("spread_release", "spread release-style"), ("mem_ours", "peak mem ours"),
-           ("mem_release", "peak mem release-style"), ("same", "same output"), ("load", "load avg 1-min (start→end)")]
+           ("mem_release", "peak mem release-style"), ("same", "same output"),
+           ("load", "1-min load avg per run (ours / release-style)")]
 
 
 def render_markdown(rows: List[dict], machine: dict, notes: List[str], command: str, total_s: float) -> str:
@@ -245,7 +263,7 @@ def render_markdown(rows: List[dict], machine: dict, notes: List[str], command: 
 
 
 def render_console(rows: List[dict]) -> str:
-    keys = ["id", "ours", "release", "ratio", "target", "result", "mem_ours", "mem_release", "same"]
+    keys = ["id", "ours", "release", "ratio", "target", "result", "ideal", "rounds", "mem_ours", "mem_release", "same"]
     out = []
     for r in rows:
         out.append(f"[{r['id']}] {r['what']}")
@@ -283,10 +301,10 @@ def time_reproduce(command: List[str], timeout: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-def plan(device: torch.device) -> List[Tuple[str, str, Optional[str]]]:
-    specs = [(row, path, None) for row in ("eval_voc", "eval_ade", "train", "hyp") for path in PATHS[row]]
+def plan(device: torch.device) -> List[Tuple[str, Optional[str]]]:
+    specs = [(row, None) for row in ("eval_voc", "eval_ade", "train", "hyp")]
     if device.type == "cuda":
-        specs += [(row, path, "bf16") for row in ("eval_voc", "eval_ade", "hyp") for path in PATHS[row]]
+        specs += [(row, "bf16") for row in ("eval_voc", "eval_ade", "hyp")]
     return specs
 
 
@@ -303,7 +321,7 @@ def parse_args(argv=None):
     rep.add_argument("--no-reproduce", dest="reproduce", action="store_false")
     p.add_argument("--reproduce-command", default="make reproduce", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
-    p.add_argument("--in-process", action="store_true", help="no worker processes (memory not measured)")
+    p.add_argument("--in-process", action="store_true", help="no worker processes (faster start; rows share one process)")
     p.add_argument("--rows", default=None, help="comma-separated subset of eval_voc,eval_ade,train,hyp")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -331,30 +349,31 @@ def main(argv=None) -> int:
         raise SystemExit(f"--rows: unknown {sorted(selected - set(ROW_KIND))}; valid: {sorted(ROW_KIND)}")
     specs = [s for s in plan(device) if selected is None or s[0] in selected]
     print(f"benchmarks ({mode}, {device}, threads {torch.get_num_threads()}, load {machine['load_average']}): "
-          f"{len(specs)} paths{' + make reproduce' if do_reproduce else ''}", flush=True)
+          f"{len(specs)} rows{' + make reproduce' if do_reproduce else ''}", flush=True)
 
-    results: Dict[Tuple[str, str, str], dict] = {}
+    results: Dict[Tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="reclip_bench_") as tmp:
         tmp = Path(tmp)
         clip = None
-        for row, path, amp in specs:
+        for row, amp in specs:
             t0 = time.perf_counter()
             if args.in_process:
                 if clip is None:
                     from .rows import load_model
 
                     clip = load_model(MODES[mode]["arch"], device)
-                res = run_one(row, path, mode, device, repeats=args.repeats, amp=amp, cache_dir=tmp, clip=clip)
-                res["memory"] = None  # one process for everything: peak memory would mix the paths
+                res = run_row(row, mode, device, repeats=args.repeats, amp=amp, cache_dir=tmp, clip=clip)
             else:
-                spec = {"row": row, "path": path, "mode": mode, "device": str(device), "repeats": args.repeats,
+                spec = {"row": row, "mode": mode, "device": str(device), "repeats": args.repeats,
                         "amp": amp, "threads": args.threads, "cache_dir": str(tmp)}
                 res = run_worker_subprocess(spec, tmp, timeout=1800)
-            results[(row, path, amp or "fp32")] = res
-            main_key = next(iter(res["stats"]))
-            print(f"  {row}/{path}{'/' + amp if amp else ''}: {main_key} median "
-                  f"{_fmt_s(res['stats'][main_key]['median'])} ({time.perf_counter() - t0:.0f} s incl. setup)",
-                  flush=True)
+            results[(row, amp or "fp32")] = res
+            parts = []
+            for path, pres in res["paths"].items():
+                key = next(iter(pres["stats"]))
+                parts.append(f"{path} {key} {_fmt_s(pres['stats'][key]['median'])}")
+            print(f"  {row}{'/' + amp if amp else ''}: " + ", ".join(parts)
+                  + f" ({time.perf_counter() - t0:.0f} s incl. setup)", flush=True)
 
     reproduce = None
     if do_reproduce:
@@ -391,12 +410,20 @@ def notes_for(mode: str, results: dict, args) -> List[str]:
         f"Mode `{mode}`: CLIP `{Path(cfg['arch']).name}` with random weights (`torch.manual_seed(0)` before "
         "`load_clip(..., pretrained=None)`), the same weights for every path and row; ReCLIP++ heads seeded "
         "with `torch.manual_seed(1)`.",
-        "Timings: median of the timed repeats after one warm-up call per path (training: one optimiser "
-        "step; hypotheses: a 2×2-window corner of the image); spread = min–max (IQR when n ≥ 4).",
-        "Each (row, path) runs in a fresh worker process; peak memory = the worker's peak RSS (VmHWM, reset "
-        "after setup) above its RSS after setup (model, inputs and text features loaded); on CUDA "
-        "`torch.cuda.max_memory_allocated` above the allocation after setup." if not args.in_process else
-        "`--in-process`: all paths in one process; peak memory not measured.",
+        "Timing: each row runs in its own worker process; after one warm-up call per path (evaluation: the "
+        "first image, where ours also computes its bias map once for the input size; training: one "
+        "optimiser step; hypotheses: a 2×2-window corner of the image) the paths run interleaved, one call "
+        "each per round, the order alternating between rounds, so a change of load on the shared machine "
+        "hits both alike. ours/release-style columns: medians; spread: min–max (IQR when n ≥ 4); ratio: "
+        "the median over rounds of (release-style time / ours time) of the same round — the per-round "
+        "ratios are listed. \"ideal (FLOP ratio)\": analytic FLOPs of the release-style path over ours "
+        "(what removing the recomputation can give at 100 % efficiency; ≈ for training, whose backward is "
+        "estimated).",
+        "Peak memory: per path, over its first timed call, the process's peak resident set (VmHWM, reset "
+        "through /proc/self/clear_refs after `malloc_trim`) above the resident set at the reset (model, "
+        "inputs, the other paths' live state not counted); on CUDA `torch.cuda.max_memory_allocated` above "
+        "the allocation at the reset." + (" `--in-process`: earlier rows ran in the same process." if
+                                          args.in_process else ""),
         "Class text features: fixed, computed once per dataset outside every timed region with ONE template "
         "(\"a photo of a {}.\") instead of 85 (150 ADE classes × 85 templates take tens of minutes on 2 CPU "
         "cores); both paths use the same features, so the timed difference is the Reference-prompt path.",

@@ -14,7 +14,8 @@ import torch
 
 import reclip_core
 from benchmarks import harness
-from benchmarks.ours import ours_evaluate, ours_feature_cache, ours_hypothesis, ours_train_epoch, window_geometry
+from benchmarks.ours import (ours_eval_image, ours_evaluate, ours_feature_cache, ours_hypothesis, ours_train_epoch,
+                             window_geometry)
 from benchmarks.release_style import (release_evaluate, release_forward, release_hypothesis, release_loss,
                                       release_loss_from_masks, release_train_epoch)
 from benchmarks.rows import BENCH_TEMPLATES
@@ -84,6 +85,12 @@ def test_evaluation_same_metric_and_release_writes_one_file_per_image(voc_model,
     for (_, a), (_, b) in zip(events_o[1::2], events_r[1::2]):
         assert torch.allclose(a, b, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["im0.png", "im1.png", "im2.png"]
+    # the benchmark's per-image body of `evaluate` (timed one image at a time) equals `evaluate`
+    metrics = {"no_pd": reclip_core.SegMetric(model.num_classes), "pd": reclip_core.SegMetric(model.num_classes)}
+    for item in data:
+        ours_eval_image(model, item, 48, 0.3, metrics)
+    for tag in ("pd", "no_pd"):
+        assert (metrics[tag].confusion == report.metrics["reclip++"][tag].confusion).all()
     # a different model gives a different metric: the comparison can fail
     other = copy.deepcopy(model)
     with torch.no_grad():
@@ -206,17 +213,25 @@ def test_summarize_and_missed_targets_are_printed():
     with pytest.raises(ValueError):
         harness.summarize([])
 
-    def res(t):
-        return {"stats": {"forward": harness.summarize([t]), "step": harness.summarize([t])},
-                "extra": {"classes": 20, "input": [8, 8], "image": [9, 9]}, "memory": None}
+    def row(ours, release):
+        def path(ts):
+            return {"timings": {"forward": ts, "step": ts},
+                    "stats": {"forward": harness.summarize(ts), "step": harness.summarize(ts)},
+                    "extra": {"classes": 20, "input": [8, 8], "image": [9, 9]}, "memory": None, "output": None}
+        return {"paths": {"ours": path(ours), "release": path(release)},
+                "round_ratios": {"ours": {k: [r / o for r, o in zip(release, ours)] for k in ("forward", "step")}}}
 
-    rows = build_rows({("eval_voc", "ours", "fp32"): res(1.0), ("eval_voc", "release", "fp32"): res(1.5)},
-                      ["fp32"], None)
-    row = next(r for r in rows if r["id"] == "1a")
-    assert row["ratio"] == "1.50×" and row["result"] == "MISSED"
-    rows = build_rows({("eval_voc", "ours", "fp32"): res(1.0), ("eval_voc", "release", "fp32"): res(2.5)},
-                      ["fp32"], None)
-    assert next(r for r in rows if r["id"] == "1a")["result"] == "met"
+    rows = build_rows({("eval_voc", "fp32"): row([1.0, 1.0, 1.0], [1.5, 1.4, 1.6])}, ["fp32"], None)
+    r1a = next(r for r in rows if r["id"] == "1a")
+    assert r1a["ratio"] == "1.50×" and r1a["result"] == "MISSED"
+    # the ratio is the median of the per-round ratios, not the ratio of medians
+    rows = build_rows({("eval_voc", "fp32"): row([1.0, 2.0, 4.0], [2.5, 5.0, 4.0])}, ["fp32"], None)
+    r1a = next(r for r in rows if r["id"] == "1a")
+    assert r1a["ratio"] == "2.50×" and r1a["result"] == "met" and r1a["rounds"] == "2.50, 2.50, 1.00"
+    rows = build_rows({}, ["fp32"], {"command": "make reproduce", "seconds": 700.0, "returncode": 0})
+    assert rows[0]["result"] == "MISSED"
+    rows = build_rows({}, ["fp32"], {"command": "make reproduce", "seconds": 5.0, "returncode": 2})
+    assert rows[0]["result"].startswith("FAILED")
     assert same_output(torch.zeros(3), torch.ones(3)).startswith("NO")
     assert same_output(torch.zeros(3), torch.zeros(3)).startswith("yes")
 
@@ -251,13 +266,16 @@ def test_quick_run_writes_well_formed_table(tmp_path, capsys):
 
 
 def test_worker_process_reports_peak_memory(tmp_path):
-    spec = {"row": "eval_voc", "path": "release", "mode": "quick", "device": "cpu", "repeats": 1,
+    spec = {"row": "eval_voc", "mode": "quick", "device": "cpu", "repeats": 1,
             "amp": None, "threads": 1, "cache_dir": str(tmp_path)}
     out = tmp_path / "res.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec),
                            "--worker-out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["memory"]["peak_mb"] > 0 and res["memory"]["method"]
-    assert res["stats"]["forward"]["n"] == 1 and res["threads"] == 1
-    assert res["extra"]["prediction_files"] == 2  # warm-up + one repeat, one PNG each
+    assert res["threads"] == 1 and set(res["paths"]) == {"ours", "release"}
+    for path in ("ours", "release"):
+        assert res["paths"][path]["memory"]["peak_mb"] > 0 and res["paths"][path]["memory"]["method"]
+        assert res["paths"][path]["stats"]["forward"]["n"] == 1
+    assert res["paths"]["release"]["extra"]["prediction_files"] == 2  # warm-up + one repeat, one PNG each
+    assert len(res["round_ratios"]["ours"]["forward"]) == 1
