@@ -116,11 +116,16 @@ def _class_probs(preset: Mapping[str, Any], split: str) -> np.ndarray:
     return w / w.sum()
 
 
-def _centre_range(preset, split, cname, r, size, axis):
-    """Allowed interval of the object centre along ``axis`` ('x' or 'y')."""
+def _region(preset, split, cname) -> dict:
+    return (preset["splits"][split].get("positions") or {}).get(cname) or {}
+
+
+def _centre_range(preset, split, cname, r, size, axis, anywhere=False):
+    """Allowed interval of the object centre along ``axis`` ('x' or 'y'); the whole image when
+    the class has no region in this split or when ``anywhere``."""
     lo, hi = r, size - r
-    region = ((preset["splits"][split].get("positions") or {}).get(cname) or {}).get(axis)
-    if region is None:
+    region = _region(preset, split, cname).get(axis)
+    if region is None or anywhere:
         return lo, hi
     a, b = region
     return lo + a * (hi - lo), lo + b * (hi - lo)
@@ -147,11 +152,15 @@ def render_scene(preset: Mapping[str, Any], split: str, index: int) -> dict:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for cls in chosen:
         cdef = classes[int(cls)]
+        # a class with a region is placed anywhere with probability `outside` (one draw per
+        # object, and only for such classes, so other classes' random streams are unchanged)
+        outside = float(_region(preset, split, cdef["name"]).get("outside", 0.0))
+        anywhere = bool(outside > 0 and rng.random() < outside)
         ok = None
         for _ in range(int(ocfg["placement_tries"])):
             r = rng.uniform(*ocfg["radius"]) * scale
-            cx = rng.uniform(*_centre_range(preset, split, cdef["name"], r, size, "x"))
-            cy = rng.uniform(*_centre_range(preset, split, cdef["name"], r, size, "y"))
+            cx = rng.uniform(*_centre_range(preset, split, cdef["name"], r, size, "x", anywhere))
+            cy = rng.uniform(*_centre_range(preset, split, cdef["name"], r, size, "y", anywhere))
             angle = rng.uniform(0, 2 * math.pi)
             m = shape_mask(cdef["shape"], size, cx, cy, r, angle)
             if m.sum() < 4:

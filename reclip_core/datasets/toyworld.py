@@ -123,6 +123,9 @@ def validate_preset(preset: Mapping[str, Any]) -> None:
             if unknown:
                 raise ValueError(f"toy-world preset: splits.{split}.{key} names unknown classes "
                                  f"{sorted(unknown)}; known: {names}")
+        for cname, reg in (cfg.get("positions") or {}).items():
+            if not 0.0 <= float((reg or {}).get("outside", 0.0)) <= 1.0:
+                raise ValueError(f"splits.{split}.positions[{cname!r}].outside must be in [0, 1]")
         for cname, w in (cfg.get("class_weights") or {}).items():
             if not float(w) > 0:
                 raise ValueError(f"splits.{split}.class_weights[{cname!r}] must be > 0")
