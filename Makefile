@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The unit tests, then nbval: the committed notebooks are re-executed (toy profile) and their
+# metric tables compared with the committed outputs (figures, timings and paths are ignored).
+NBVAL_ARGS ?= --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=900
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS)
 
 reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)

@@ -91,6 +91,8 @@ SCHEMA: Dict[str, Key] = {
     "photometric": _k(bool, True, "photometric distortion of training views"),
     "feature_cache": _k(bool, False, "cache frozen CLIP features of fixed views (see docs/training.md)"),
     "feature_cache_views": _k(int, 1, "fixed views per image when feature_cache is on"),
+    "feature_cache_path": _k(str, None, "where the feature cache lives (None: <run>/feature_cache.safetensors); "
+                             "runs with the same CLIP, data and views may share one", optional=True),
     "num_workers": _k(int, 0, "DataLoader workers"),
     "num_threads": _k(int, None, "torch CPU threads of a CLI command (None: torch's default)", optional=True),
     "eval_batch_size": _k(int, 8, "consecutive validation images of equal size run in one forward"),

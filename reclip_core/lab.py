@@ -5,9 +5,12 @@ placement under ``results/<profile>/<dataset>/``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +24,10 @@ from torch import nn
 from .atomic_io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
 from .reproduce import RESULTS_DIR
 
-PROFILE_CONFIG = {"toy": "toy"}  # the paper profile uses the dataset's own config (voc.yaml, ...)
+PROFILE_CONFIG = {"toy": "toy"}
+# tqdm.auto warns on stderr when ipywidgets is absent; in a notebook checked by nbval that warning
+# would be compared like an output. Progress bars are off in the notebooks anyway.
+warnings.filterwarnings("ignore", message="IProgress not found")  # the paper profile uses the dataset's own config (voc.yaml, ...)
 
 
 def seed_everything(seed: int) -> None:
@@ -150,11 +156,17 @@ class Lab:
         from .checkpoint import load_model_weights
         from .training import train
 
-        cfg = self.config(model=kind, **overrides) if kind != "maskclip" else self.cfg
+        if self.cfg["feature_cache"] and not self.cfg["feature_cache_path"]:
+            # every run of this lab sees the same views through the same CLIP: build the cache once
+            overrides.setdefault("feature_cache_path", str(self.results / "runs" / "feature_cache.safetensors"))
+        cfg = self.config(model=kind, **overrides)
+        hypotheses = self.hypotheses()
         t0 = time.perf_counter()
-        train(cfg, hypotheses=self.hypotheses(), clip=self.clip, run_dir=self.run_dir(name), progress=progress)
+        # The per-epoch log goes to runs/<name>/loss.csv; keep notebook outputs to the results.
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=self.run_dir(name), progress=progress)
         self.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
-        model = self.model(kind, **overrides)
+        model = self.model(kind, **{k: v for k, v in overrides.items() if k != 'feature_cache_path'})
         load_model_weights(model, self.run_dir(name))
         return model.eval()
 
@@ -209,6 +221,13 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     cfg = load_config(cfg_name, sets)
     results = RESULTS_DIR / profile / dataset
     results.mkdir(parents=True, exist_ok=True)
+    if cfg["dataset"] == "toyworld":
+        from .config import build_dataset
+
+        # Generate the toy world now (first use only), quietly: its progress bars are not results.
+        with contextlib.redirect_stderr(io.StringIO()):
+            for split in (cfg["train_split"], cfg["val_split"]):
+                build_dataset(cfg, split)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     return Lab(profile, dataset, resolve_device(device), seed, cfg, results)

@@ -22,6 +22,7 @@ and refuses items that carry a ``label`` or ``mask``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -259,7 +260,17 @@ def build_feature_cache(model: nn.Module, views: TrainViews, n_views: int, batch
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    key = f"{views.seed}-{n_views}-{len(views)}-{views.transform.crop}-{sorted(views.hypotheses)[:3]}"
+    # The key names everything the cached tensors depend on: the views (seed, count, crop), the
+    # image ids and their hypotheses (stored beside the features) and the frozen CLIP's weights
+    # (a cache may be shared between runs through ``feature_cache_path``).
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted((str(k), list(map(int, v))) for k, v in views.hypotheses.items())).encode())
+    for p in (model.clip.visual.conv1.weight, model.clip.visual.proj):
+        if p is not None:
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    key = f"{views.seed}-{n_views}-{len(views)}-{views.transform.crop}-{digest.hexdigest()[:16]}"
     if path is not None and path.is_file():
         from safetensors import safe_open
 
@@ -359,7 +370,7 @@ def train(
     views = TrainViews(dataset, hypotheses, len(names), train_transform_from_config(cfg), seed=cfg["seed"])
     data: Dataset = views
     if cfg["feature_cache"]:
-        cache_path = run / "feature_cache.safetensors"
+        cache_path = Path(cfg["feature_cache_path"]) if cfg["feature_cache_path"] else run / "feature_cache.safetensors"
         if rank == 0:
             build_feature_cache(model, views, cfg["feature_cache_views"], max(per_rank, 16), device, cache_path, progress)
         if world > 1:
