@@ -28,6 +28,16 @@ test: venv
 reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)
 
+# The toy world (both presets) and the toy CLIPs. The weights are committed with their sha256,
+# so `make reproduce` never retrains; these targets rebuild them (about 15 min each on 2 free cores).
+toy-world: venv
+	$(PY) -m data_prep.toyworld --preset biased
+	$(PY) -m data_prep.toyworld --preset uniform
+
+toy-clip: toy-world
+	$(PY) -m data_prep.pretrain_toy_clip --preset biased
+	$(PY) -m data_prep.pretrain_toy_clip --preset uniform
+
 # Re-execute the notebooks in place so their committed outputs (checked by nbval) are refreshed.
 notebooks: venv
 	$(PY) -m reclip_core.reproduce --profile toy --inplace
