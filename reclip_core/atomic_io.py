@@ -14,6 +14,7 @@ file is deleted and the previous file is left untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from typing import IO, Any, Iterator, Mapping
 __all__ = [
     "atomic_open",
     "atomic_write_bytes",
+    "atomic_write_files",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_csv",
@@ -107,13 +109,71 @@ def atomic_open(
             os.fsync(fh.fileno())  # bytes on disk before the file gets its real name
         os.chmod(tmp, final_mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         # Never leave a partial temp file behind; the old target is untouched
         # because it was never opened for writing.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if _disk_full(err):
+            raise _disk_full_error(err, [target]) from err
         raise
     _fsync_dir(folder)
+
+
+def _disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full_error(err: OSError, targets: list) -> OSError:
+    names = ", ".join(str(t) for t in targets)
+    return OSError(err.errno, f"no space left on the device (or quota exceeded) while writing {names}: nothing was "
+                              f"written; any previous version is unchanged and no partial file was left. Free space "
+                              f"in {Path(targets[0]).parent} (or point the output elsewhere) and run the step again")
+
+
+def atomic_write_files(files: Mapping[Any, Any]) -> list:
+    """Write several files as one unit: ``{path: bytes | str}`` (str is written as UTF-8, verbatim).
+
+    Every file is first written to its own temporary file (fsync'ed) next to its target; only when
+    all of them are on disk are they renamed over their targets. A failure while writing (a full
+    disk, an interrupt) removes every temporary file and leaves *all* targets as they were, so a set
+    of outputs (a table's CSV and Markdown, an evaluation's JSON and CSVs) is never half new and
+    half old. Returns the paths.
+    """
+    items = []
+    for path, data in files.items():
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"atomic_write_files needs bytes or str for {path}, got {type(data).__name__}.")
+        target = Path(os.fspath(path))
+        if target.is_dir():
+            raise ValueError(f"{target} is a folder; pass the path of the file to write.")
+        items.append((target, data))
+    temps: list = []
+    try:
+        for target, data in items:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mode = _new_file_mode(target)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            temps.append((Path(tmp_name), target, mode))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp_name, mode)
+    except BaseException as err:
+        for tmp, _, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        if _disk_full(err):
+            raise _disk_full_error(err, [t for t, _ in items]) from err
+        raise
+    for tmp, target, _ in temps:  # renames need no space: all data is already on disk
+        os.replace(tmp, target)
+    for folder in {target.parent for _, target, _ in temps}:
+        _fsync_dir(folder)
+    return [target for target, _ in items]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> Path:

@@ -75,6 +75,14 @@ def save_checkpoint(
 
 
 def _prune(folder: Path, keep: int, current: str) -> None:
+    # Temporary files of writes killed before their rename (``.step....tmp``, ``.latest.json....tmp``):
+    # never loadable, but they would pile up. One writer per folder, so none is in flight now.
+    for p in folder.glob(".*.tmp"):
+        if p.name.startswith((".step", f".{LATEST}.")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
     stems = sorted({m.group(1) for p in folder.iterdir() if (m := re.match(r"(step\d{8})\.", p.name))})
     doomed = [s for s in stems if s != current][: max(0, len(stems) - keep)]
     for s in doomed:
@@ -103,13 +111,38 @@ def load_checkpoint(path: PathLike, load_optimizer: bool = True) -> Checkpoint:
     if latest is None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {LATEST} in it or in its 'checkpoints' "
                                 "folder); train first with `python -m reclip_core train --config ...`.")
-    with open(latest, encoding="utf-8") as f:
-        state = json.load(f)
     folder = latest.parent
-    weights = load_file(str(folder / state["weights"]), device="cpu")
+
+    def unreadable(file: Path, err: BaseException) -> ValueError:
+        return ValueError(
+            f"checkpoint file {file} cannot be read ({type(err).__name__}: {err}): it is truncated, corrupt, or "
+            "not a checkpoint written by reclip (optimizer files are read with torch.load(weights_only=True), "
+            "which refuses pickled code). Restore it from a copy, or start over with --no-resume "
+            f"(resume=False) after moving {folder} aside.")
+
+    try:
+        with open(latest, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("weights"), str):
+            raise ValueError("no 'weights' entry")
+    except (OSError, ValueError) as err:
+        raise unreadable(latest, err) from err
+    try:
+        weights = load_file(str(folder / state["weights"]), device="cpu")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{latest} names {state['weights']}, which is missing from {folder}; restore it "
+                                "or start over with --no-resume (resume=False).") from None
+    except Exception as err:  # safetensors raises its own SafetensorError on a truncated header/body
+        raise unreadable(folder / state["weights"], err) from err
     optim = None
     if load_optimizer and state.get("optimizer"):
-        optim = torch.load(folder / state["optimizer"], map_location="cpu", weights_only=True)
+        try:
+            optim = torch.load(folder / state["optimizer"], map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{latest} names {state['optimizer']}, which is missing from {folder}; restore "
+                                    "it or start over with --no-resume (resume=False).") from None
+        except Exception as err:  # UnpicklingError (refused global, truncated data), RuntimeError (zip)...
+            raise unreadable(folder / state["optimizer"], err) from err
     return Checkpoint(weights=weights, optimizer=optim, state=state, path=latest)
 
 
@@ -145,7 +178,15 @@ def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]
         p = Path(path_or_state)
         if not p.is_file():
             raise FileNotFoundError(f"release checkpoint {p} does not exist.")
-        raw = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # a refused global (pickled code), a truncated or foreign file
+            raise ValueError(f"cannot read release checkpoint {p} ({type(err).__name__}: {err}): it is truncated, "
+                             "corrupt or holds pickled objects other than tensors (read with "
+                             "torch.load(weights_only=True), which never runs pickled code). Download "
+                             "best_weight.pth again from the authors' release.") from err
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"release checkpoint {p} holds a {type(raw).__name__}, not a state dict.")
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(raw.get(wrapper), Mapping):
             raw = dict(raw[wrapper])
@@ -183,6 +224,12 @@ def load_model_weights(model: torch.nn.Module, path: PathLike) -> Dict[str, Any]
     p = Path(path)
     if find_checkpoint(p) is not None:
         ck = load_checkpoint(p, load_optimizer=False)
+        trained, wanted = ck.state.get("class_names"), getattr(model, "class_names", None)
+        if trained is not None and wanted is not None and list(trained) != list(wanted):
+            # same count, other names would load without a shape error and mislabel every class
+            raise ValueError(f"checkpoint {ck.path} was trained for the classes {list(trained)}, but the model has "
+                             f"{list(wanted)}; evaluate with the config the run was trained with, or train for "
+                             "these classes.")
         model.load_trainable_state_dict(ck.weights)
         return ck.state
     if p.suffix == ".safetensors" and p.is_file():

@@ -35,7 +35,7 @@ from torch import nn
 
 from .metrics import SegMetric
 from .rectify import presence_filter
-from .transforms import eval_preprocess
+from .transforms import eval_preprocess, to_image_tensor
 
 #: output key of the model → reported name
 HEAD_KEYS = {"maskclip": "clip_logits", "rectified": "rectified", "reclip++": "logits"}
@@ -97,14 +97,17 @@ class EvalReport:
 
     def save(self, folder: os.PathLike) -> Path:
         """``metrics.json``, ``summary.csv`` and ``per_class_<head>_<pd|no_pd>.csv`` (atomic)."""
-        from .atomic_io import atomic_write_csv, atomic_write_json
+        from .atomic_io import atomic_write_files
 
         folder = Path(folder)
-        atomic_write_json(folder / "metrics.json", self.to_dict())
-        atomic_write_csv(folder / "summary.csv", self.summary())
+        # Rendered in memory, then written as one unit: a failure (full disk) leaves every previous
+        # file as it was, never a new metrics.json beside old per-class tables.
+        files = {folder / "metrics.json": json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n",
+                 folder / "summary.csv": self.summary().to_csv(index=False)}
         for head, by_pd in self.metrics.items():
             for tag, m in by_pd.items():
-                atomic_write_csv(folder / f"per_class_{head.replace('+', 'p')}_{tag}.csv", m.table(self.class_names))
+                files[folder / f"per_class_{head.replace('+', 'p')}_{tag}.csv"] = m.table(self.class_names).to_csv(index=False)
+        atomic_write_files(files)
         return folder
 
     def format(self) -> str:
@@ -208,10 +211,17 @@ def evaluate(
         item = dataset[i]
         if "label" not in item:
             raise ValueError("evaluation needs labelled items {'id', 'image', 'label'}: use the validation split.")
-        x = eval_preprocess(item["image"], test_size, max_long_side)
+        image, label = item["image"], np.asarray(item["label"])
+        hw = (image.height, image.width) if hasattr(image, "height") else tuple(to_image_tensor(image).shape[-2:])
+        if label.shape != hw:
+            # upsampling to the label size would silently score a stretched prediction
+            raise ValueError(f"image {item.get('id', i)!r} is {hw[0]}x{hw[1]} but its label has shape {label.shape}: "
+                             "a label must be an H x W map of the image's own size. Fix the dataset reader, or "
+                             "regenerate the labels (benchmarks: `python -m data_prep NAME --root ROOT --force`).")
+        x = eval_preprocess(image, test_size, max_long_side)
         if buffer and (x.shape != buffer[0][0].shape or len(buffer) >= batch_size):
             flush()
-        buffer.append((x, np.asarray(item["label"]), item if i < examples else {"id": item["id"]}))
+        buffer.append((x, label, item if i < examples else {"id": item["id"]}))
     if buffer:
         flush()
     if state["metrics"] is None:

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .atomic_io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
+from .atomic_io import atomic_save_figure, atomic_write_files, atomic_write_json, atomic_write_text
 from .reproduce import RESULTS_DIR
 
 PROFILE_CONFIG = {"toy": "toy"}
@@ -187,9 +187,10 @@ class Lab:
     # -- outputs --------------------------------------------------------------------------------
     def save_table(self, df: pd.DataFrame, name: str, floatfmt: str = ".1f", title: Optional[str] = None) -> pd.DataFrame:
         """``<name>.csv`` and ``<name>.md`` under the results folder; returns ``df`` rounded for display."""
-        atomic_write_csv(self.results / f"{name}.csv", df)
         head = f"# {title}\n\n" if title else ""
-        atomic_write_text(self.results / f"{name}.md", head + markdown_table(df, floatfmt))
+        # both files or neither: a full disk never leaves a new CSV beside an old Markdown table
+        atomic_write_files({self.results / f"{name}.csv": df.to_csv(index=False),
+                            self.results / f"{name}.md": head + markdown_table(df, floatfmt)})
         return df.round(int(floatfmt.strip(".f") or 1)) if floatfmt.endswith("f") else df
 
     def save_figure(self, fig, name: str):
@@ -215,6 +216,11 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     from .reproduce import check_parameters
 
     dataset = check_parameters(profile, dataset, device)
+    from .config import _unknown, valid_keys
+
+    bad = [k for k in overrides if k not in valid_keys()]
+    if bad:  # checked even when the value is None (None overrides are skipped below)
+        raise _unknown(bad[0])
     seed_everything(seed)
     cfg_name = PROFILE_CONFIG.get(profile, dataset)
     sets = [f"seed={seed}", f"device={device}"] + [f"{k}={v}" for k, v in overrides.items() if v is not None]

@@ -44,20 +44,48 @@ def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
     valid = ("toyworld",) if profile == "toy" else PAPER_DATASETS
     if dataset not in valid:
         raise ValueError(f"dataset {dataset!r} is not part of profile {profile!r}; valid: {', '.join(valid)}.")
-    from .backbone import resolve_device
+    if device not in ("auto", "cpu"):  # only these need no torch import (seconds) to be checked
+        from .backbone import resolve_device
 
-    resolve_device(device)  # raises with a message when e.g. CUDA is requested but absent
+        resolve_device(device)  # raises with a message when e.g. CUDA is requested but absent
     return dataset
+
+
+#: parameters set by ``run``'s own arguments; ``-p`` must not override them past their checks
+RUN_PARAMETERS = ("profile", "dataset", "device", "seed")
+
+
+def notebook_parameters(nb: Path) -> List[str]:
+    """Names assigned in the notebook's cell tagged ``parameters`` (what papermill can inject).
+
+    Read with ``json`` and ``ast`` rather than ``papermill.inspect_notebook``: importing papermill
+    takes seconds, and a typo must fail before that."""
+    import ast
+
+    cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = cell.get("source", "")
+            tree = ast.parse("".join(src) if isinstance(src, list) else src)
+            names = []
+            for node in tree.body:
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                names += [t.id for t in targets if isinstance(t, ast.Name)]
+            return names
+    return []
 
 
 def check_parameter_names(extra: Dict) -> None:
     """Every extra parameter must be declared in some notebook's ``parameters`` cell: papermill
     would otherwise inject it silently and the run would use the default."""
-    import papermill as pm
-
+    reserved = sorted(set(extra) & set(RUN_PARAMETERS))
+    if reserved:
+        raise ValueError(f"set {', '.join(reserved)} with --{reserved[0]} (checked), not with -p "
+                         "(it would bypass the profile/dataset/device checks).")
     known = set()
     for nb in notebooks():
-        known |= set(pm.inspect_notebook(str(nb)))
+        known |= set(notebook_parameters(nb))
     unknown = sorted(set(extra) - known)
     if unknown:
         raise ValueError(f"unknown notebook parameter(s) {unknown}; valid: {', '.join(sorted(known))}.")
@@ -78,11 +106,10 @@ def preflight(profile: str, dataset: str) -> None:
 def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
         only: Optional[Sequence[str]] = None, inplace: bool = False, extra: Optional[Dict] = None) -> Path:
     """Execute the notebooks; returns the path of ``summary.md``."""
-    import papermill as pm
-
     dataset = check_parameters(profile, dataset, device)
     check_parameter_names(extra or {})
     preflight(profile, dataset)
+    import papermill as pm  # after the checks: the import alone takes seconds
     out_dir = RESULTS_DIR / profile / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"profile": profile, "dataset": dataset, "device": device, "seed": seed, **(extra or {})}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .transforms import ImageLike, eval_preprocess, to_image_tensor
+from .transforms import ImageLike, eval_preprocess, open_image, to_image_tensor
 
 
 @dataclass
@@ -107,8 +107,6 @@ def segment(
     authors' ``best_weight.pth``. ``test_size`` (short side) defaults to the checkpoint's config, else
     the image's own short side (at most 448). ``pd_threshold`` enables the presence filter.
     """
-    from PIL import Image
-
     from .backbone import load_clip, resolve_device
     from .evaluation import upsample_logits
     from .model import MaskCLIP
@@ -119,7 +117,7 @@ def segment(
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image} does not exist.")
-        image = Image.open(image).convert("RGB")
+        image = open_image(image)  # RGB; a corrupt file raises ValueError naming it
     dev = resolve_device(device)
     if checkpoint is None:
         clip = clip if clip is not None else load_clip(device=dev)

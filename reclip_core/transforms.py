@@ -35,18 +35,95 @@ def sample_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def to_image_tensor(image: ImageLike) -> torch.Tensor:
-    """PIL / HxWx3 uint8 array / [3, H, W] tensor → uint8-or-float [3, H, W] tensor (RGB)."""
-    if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"a numpy image must be H x W x 3 (RGB), got shape {image.shape}.")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"an image tensor must be [3, H, W], got {tuple(image.shape)}.")
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → an 8-bit RGB PIL image, or ``ValueError`` saying how to convert it.
+
+    Greyscale (``L``, ``1``) is replicated to three channels; the alpha channel of ``RGBA``/``LA``
+    and of palette images with transparency is dropped; 16-bit greyscale (``I;16*``, and ``I`` with
+    values in 0..65535, how 16-bit PNGs open) is scaled to 8 bits (× 255/65535) instead of being
+    clipped to white by ``Image.convert``. Floating-point images (``F``) are refused: their range is
+    unknown.
+    """
+    mode = image.mode
+    if mode == "RGB":
         return image
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(image)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"a 32-bit integer image (mode {mode}) with values outside 0..65535 cannot be read as "
+                             "an RGB image; scale it to 8 bits and save it as an RGB or greyscale PNG/JPEG.")
+        a8 = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if mode == "F":
+        raise ValueError("a floating-point image (mode F) has no known value range; scale it to 0..255 and "
+                         "convert it to 8-bit ('L' or 'RGB') before segmenting it.")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the documented route (a direct P -> RGB warns)
+    return image.convert("RGB")
+
+
+def open_image(path) -> Image.Image:
+    """Read an image file as an 8-bit RGB PIL image (:func:`to_rgb`).
+
+    A corrupt, truncated or non-image file raises ``ValueError`` naming the file (PIL's own errors
+    do not say which file); a missing one raises ``FileNotFoundError``."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: the file is corrupt, truncated or not an image "
+                         f"({type(err).__name__}: {err}). Replace it with a good copy.") from err
+
+
+def _check_range(x: torch.Tensor, what: str) -> torch.Tensor:
+    """uint8 passes; uint16 is scaled to 8 bits; other integers must lie in 0..255 and floats in [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x
+    if x.dtype == torch.uint16:
+        return ((x.to(torch.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    if x.dtype == torch.bool:
+        raise ValueError(f"{what} is boolean; pass a uint8 image (0..255) or a float image in [0, 1].")
+    if x.numel() == 0:
+        return x
+    lo, hi = float(x.min()), float(x.max())
+    if x.is_floating_point():
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
+            raise ValueError(f"{what} is floating point with values in [{lo:g}, {hi:g}]; float images must lie in "
+                             "[0, 1] (divide 8-bit values by 255) or be passed as uint8.")
+        return x
+    if lo < 0 or hi > 255:
+        raise ValueError(f"{what} has integer values in [{lo:g}, {hi:g}]; pass 8-bit values (0..255) as uint8 "
+                         "(16-bit images as uint16, which are scaled to 8 bits).")
+    return x
+
+
+def to_image_tensor(image: ImageLike) -> torch.Tensor:
+    """PIL / H×W(×1|3|4) array / [1|3, H, W] tensor → uint8-or-float [3, H, W] tensor (RGB).
+
+    Greyscale is replicated to RGB, an alpha channel is dropped, 16-bit data is scaled to 8 bits
+    (:func:`to_rgb`); values outside 0..255 (integers) or [0, 1] (floats) raise ``ValueError``.
+    """
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"a numpy image must be H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (greyscale), "
+                             f"got shape {image.shape}.")
+        t = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+        t = _check_range(t, "the numpy image")
+        return t.repeat(3, 1, 1) if t.shape[0] == 1 else t
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"an image tensor must be [3, H, W] (or [1, H, W] greyscale), got {tuple(image.shape)}.")
+        t = _check_range(image, "the image tensor")
+        return t.repeat(3, 1, 1) if t.shape[0] == 1 else t
     raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 array or a tensor.")
 
 
@@ -188,4 +265,4 @@ def clip_input_size(clip: torch.nn.Module) -> int:
 
 
 __all__ = ("TrainTransform", "train_transform_from_config", "eval_preprocess", "window_boxes", "window_batch", "crop_windows",
-           "clip_preprocess", "clip_input_size", "keep_ratio_size", "sample_seed", "to_image_tensor", "normalize")
+           "clip_preprocess", "clip_input_size", "keep_ratio_size", "sample_seed", "to_image_tensor", "to_rgb", "open_image", "normalize")

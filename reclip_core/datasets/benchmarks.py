@@ -153,11 +153,13 @@ class BenchmarkImages:
         return self._images[self._index(i)]
 
     def load_image(self, i: int) -> Image.Image:
-        with Image.open(self.image_path(i)) as im:
-            im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return im.convert("RGB")
+        from ..transforms import open_image  # RGB whatever the mode on disk (16-bit scaled, not clipped)
+
+        try:
+            return open_image(self.image_path(i))
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{self.name} {self.split} {self.ids[self._index(i)]}: {err} To restore the prepared "
+                            f"dataset, rerun `{prepare_command(self.name, self.root)} --force`.") from err
 
     def __getitem__(self, i: int) -> dict:
         i = self._index(i)
@@ -196,7 +198,8 @@ class BenchmarkSegmentation(BenchmarkImages):
     def load_label(self, i: int) -> np.ndarray:
         with Image.open(self.label_path(i)) as im:
             if im.mode not in ("L", "P"):
-                raise ValueError(f"{self.label_path(i)}: expected an 8-bit single-channel label, got mode {im.mode}")
+                raise ValueError(f"{self.label_path(i)}: expected an 8-bit single-channel label, got mode {im.mode}; "
+                                 f"labels are written by `{prepare_command(self.name, self.root)} --force`.")
             lab = np.array(im)
         if self.reduce_zero_label:
             return reduce_zero_label(lab)
@@ -207,7 +210,8 @@ class BenchmarkSegmentation(BenchmarkImages):
         item = {"id": self.ids[i], "image": self.load_image(i), "label": self.load_label(i)}
         if item["label"].shape != (item["image"].height, item["image"].width):
             raise ValueError(f"{self.name} {self.ids[i]}: label {item['label'].shape} does not match image "
-                             f"{(item['image'].height, item['image'].width)}")
+                             f"{(item['image'].height, item['image'].width)}; labels must have the image's size. "
+                             f"Rerun `{prepare_command(self.name, self.root)} --force`.")
         return item
 
 
