@@ -411,7 +411,8 @@ def notes_for(mode: str, results: dict, args) -> List[str]:
         "`load_clip(..., pretrained=None)`), the same weights for every path and row; ReCLIP++ heads seeded "
         "with `torch.manual_seed(1)`.",
         "Timing: each row runs in its own worker process; after one warm-up call per path (evaluation: the "
-        "first image, where ours also computes its bias map once for the input size; training: one "
+        "first image, run by ours, which computes its bias map there once for the input size and so runs "
+        "every operation of the release-style forward at the same shapes; training: one "
         "optimiser step; hypotheses: a 2×2-window corner of the image) the paths run interleaved, one call "
         "each per round, the order alternating between rounds, so a change of load on the shared machine "
         "hits both alike. ours/release-style columns: medians; spread: min–max (IQR when n ≥ 4); ratio: "
