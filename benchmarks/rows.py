@@ -11,7 +11,7 @@ import contextlib
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -58,8 +58,6 @@ MODES: Dict[str, dict] = {
 }
 
 ROW_KIND = {"eval_voc": "eval", "eval_ade": "eval", "train": "train", "hyp": "hyp"}
-PATHS = {"eval_voc": ("ours", "release"), "eval_ade": ("ours", "release"),
-         "train": ("ours", "ours_cached", "release"), "hyp": ("ours", "release")}
 
 
 def load_model(arch: str, device: torch.device):
