@@ -170,7 +170,8 @@ class EvalSetup(RowSetup):
         if path == "ours":
             # This machine's matmul rate right before the forward: row 4 pairs the two, so a change
             # of load between them matters less. Outside the timed step and its memory.
-            self._mm = harness.matmul_gflops(self.device, repeats=3)
+            dtype = torch.bfloat16 if self.cfg.get("amp") == "bf16" else torch.float32
+            self._mm = harness.matmul_gflops(self.device, repeats=3, dtype=dtype)
 
     def run(self, path: str) -> Dict[str, float]:
         i = self._next[path]
@@ -206,6 +207,7 @@ class EvalSetup(RowSetup):
         if path == "ours":
             out["flops_forward"] = harness.eval_forward_flops(self.clip, h, w, self.C)
             out["roofline"] = self.roofline
+            out["matmul_dtype"] = "bf16" if self.cfg.get("amp") == "bf16" else "fp32"
             out["ideal_ratio"] = harness.ideal_eval_ratio(self.clip, h, w, self.C)
         else:
             out["prediction_files"] = len(list(Path(self._tmp.name).iterdir()))
@@ -364,7 +366,7 @@ def run_row(row: str, mode: str, device: torch.device, repeats: Optional[int] = 
         raise ValueError(f"unknown row {row!r}; valid rows: {', '.join(ROW_KIND)}.")
     cfg_all = dict(MODES[mode])
     over = cfg_all.get(device.type, {}) if device.type != "cpu" else {}
-    cfg = dict(cfg_all[row], **over.get(row, {}))
+    cfg = dict(cfg_all[row], **over.get(row, {}), amp=amp)
     reps = dict(cfg_all["repeats"], **over.get("repeats", {}))
     n_rep = repeats if repeats is not None else reps[row]
     load_start = harness.load_average()

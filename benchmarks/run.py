@@ -208,7 +208,7 @@ def build_rows(results: Dict[Tuple[str, str], dict], amp_tags: List[str], reprod
             rows.append({
                 "id": rid + ("" if tag == "fp32" else "-" + tag),
                 "what": (f"Eval forward achieved GFLOP/s ({flops / 1e9:.1f} GFLOP analytic: dense ViT + logits + "
-                         f"decoder, C={ex['classes']}, {ex['input'][0]}×{ex['input'][1]}) vs fp32 2048² matmul "
+                         f"decoder, C={ex['classes']}, {ex['input'][0]}×{ex['input'][1]}) vs {ex.get('matmul_dtype', 'fp32')} 2048² matmul "
                          f"GFLOP/s measured right before each forward; ratio = median of the per-image ratios"
                          + suffix),
                 "ours": f"{statistics.median(achieved):.1f} GFLOP/s",
