@@ -47,7 +47,7 @@ def jupyter_server(tmp_path):
     env = dict(os.environ, RECLIP_RESULTS=str(tmp_path / "results"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0"],
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0", "--allow-root"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
