@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The unit tests, then nbval: the committed notebooks are re-executed (toy profile) and their
-# metric tables compared with the committed outputs (figures, timings and paths are ignored).
-NBVAL_ARGS ?= --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=900
+# The unit tests, then nbval: the committed notebooks are re-executed (toy profile). With
+# --nbval-lax every cell must run without error and the cells marked `# NBVAL_CHECK_OUTPUT` (the
+# rounded metric tables) must reproduce their committed outputs; figures, timings and paths are
+# not compared.
+NBVAL_ARGS ?= --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=1200
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS)
 
