@@ -401,7 +401,7 @@ KILLED_TRAINER = textwrap.dedent("""
 
     def fdopen(fd, *a, **k):
         fh = real_fdopen(fd, *a, **k)
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".step00000003.safetensors."):
+        if "step00000003.safetensors" in os.path.basename(os.readlink(f"/proc/self/fd/{fd}")):
             return DieMidWrite(fh)
         return fh
 
