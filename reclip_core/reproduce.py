@@ -120,8 +120,13 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
         target = nb if inplace else out_dir / nb.name
         print(f"[reproduce] {nb.name} ({profile}/{dataset}) …", flush=True)
         t0 = time.perf_counter()
-        pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name="python3",
+        # papermill rewrites its output after every cell: execute into a hidden ".partial" file and
+        # rename it only when the whole notebook ran, so a failed or killed run never leaves a
+        # half-executed notebook under the real name (nor overwrites the committed one with --inplace).
+        partial = target.with_name(f".{target.name}.partial")
+        pm.execute_notebook(str(nb), str(partial), parameters=params, kernel_name="python3",
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
+        os.replace(partial, target)
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         print(f"[reproduce] {nb.name} done in {timings[nb.name]} s", flush=True)
     return write_summary(profile, dataset, timings)
@@ -140,7 +145,8 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
         lines += [f"| [{name}](notebooks/{name}) | {secs} |" for name, secs in timings.items()]
         lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
     for kind, patterns in (("Tables", ("*.md", "*.csv")), ("Figures", ("*.png",))):
-        files = sorted(p for pat in patterns for p in (base / dataset).rglob(pat) if p.name != "headline.md")
+        files = sorted(p for pat in patterns for p in (base / dataset).rglob(pat)
+                       if p.name != "headline.md" and "runs" not in p.relative_to(base / dataset).parts)
         if files:
             lines += [f"## {kind}", ""] + [f"- [{p.relative_to(base)}]({p.relative_to(base)})" for p in files] + [""]
     path = base / "summary.md"

@@ -729,3 +729,33 @@ def test_18_no_notebook_starts_and_nothing_heavy_is_imported(monkeypatch, tmp_pa
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 19. a notebook run that dies mid-notebook leaves no half-executed copy under the real name
+# ------------------------------------------------------------------------------------------------
+def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path):
+    from reclip_core import reproduce
+
+    out = tmp_path / "results" / "toy" / "notebooks"
+    out.mkdir(parents=True)
+    second = reproduce.notebooks()[1].name
+    (out / second).write_text("previous complete run\n")
+
+    def execute_notebook(src, dst, **kw):  # papermill writes its output cell by cell
+        Path(dst).write_text("half-executed\n")
+        if Path(src).name == second:
+            raise RuntimeError("kernel died")
+        Path(dst).write_text("complete\n")
+
+    fake = type(sys)("papermill")
+    fake.execute_notebook = execute_notebook
+    monkeypatch.setitem(sys.modules, "papermill", fake)
+    monkeypatch.setattr(reproduce, "RESULTS_DIR", tmp_path / "results")
+    with pytest.raises(RuntimeError, match="kernel died"):
+        reproduce.run("toy", None, "cpu")
+    first = reproduce.notebooks()[0].name
+    assert (out / first).read_text() == "complete\n"
+    assert (out / second).read_text() == "previous complete run\n"  # the previous copy is intact
+    assert (out / f".{second}.partial").is_file()  # kept for inspection, under a name that never looks complete
+    assert not (tmp_path / "results" / "toy" / "summary.md").exists()
