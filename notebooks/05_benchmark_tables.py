@@ -21,12 +21,13 @@ import reclip_core as rc
 
 lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs)
 lab.hypotheses()
-reports = {
-    "MaskCLIP": (lab.evaluate(lab.model("maskclip")), "maskclip"),
-    "ReCLIP": (lab.evaluate(lab.train("reclip", kind="reclip")), "rectified"),
-    "ReCLIP++ (rectify only)": (lab.evaluate(lab.train("rectify_both", use_decoder=False, bias_mode="both")), "rectified"),
-    "ReCLIP++": (lab.evaluate(lab.train("reclip++")), "reclip++"),
+runs = {
+    "MaskCLIP": (lambda: lab.model("maskclip"), "maskclip"),
+    "ReCLIP": (lambda: lab.train("reclip", kind="reclip"), "rectified"),
+    "ReCLIP++ (rectify only)": (lambda: lab.train("rectify_both", use_decoder=False, bias_mode="both"), "rectified"),
+    "ReCLIP++": (lambda: lab.train("reclip++"), "reclip++"),
 }
+reports = {name: (lab.evaluate(make(), name=name), head) for name, (make, head) in runs.items()}
 
 # %%
 rows = []

@@ -170,7 +170,8 @@ class Lab:
         load_model_weights(model, self.run_dir(name))
         return model.eval()
 
-    def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False):
+    def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False,
+                 name: Optional[str] = None):
         """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head."""
         from .evaluation import evaluate
 
@@ -178,7 +179,7 @@ class Lab:
         report = evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"], self.cfg["max_long_side"],
                           max_images=self.cfg["max_val_images"], progress=progress, bias_grid=bias_grid,
                           examples=examples)
-        self.timings[f"evaluate {type(model).__name__}"] = round(time.perf_counter() - t0, 1)
+        self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 
     def loss_history(self, name: str) -> pd.DataFrame:
