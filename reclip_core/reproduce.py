@@ -120,10 +120,10 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
         target = nb if inplace else out_dir / nb.name
         print(f"[reproduce] {nb.name} ({profile}/{dataset}) …", flush=True)
         t0 = time.perf_counter()
-        # papermill rewrites its output after every cell: execute into a hidden ".partial" file and
+        # papermill rewrites its output after every cell: execute into a hidden ".partial.ipynb" file and
         # rename it only when the whole notebook ran, so a failed or killed run never leaves a
         # half-executed notebook under the real name (nor overwrites the committed one with --inplace).
-        partial = target.with_name(f".{target.name}.partial")
+        partial = target.with_name(f".{target.stem}.partial.ipynb")  # papermill warns on other suffixes
         pm.execute_notebook(str(nb), str(partial), parameters=params, kernel_name="python3",
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
         os.replace(partial, target)

@@ -15,6 +15,7 @@ Cases (numbered as in README's "Reliability" section):
  7 missing dataset root                16 archive with ../ or absolute members
  8 unknown profile / dataset / key     17 untrusted pickle in torch.load
  9 class list != checkpoint's          18 invalid papermill parameter / profile
+                                       19 notebook run dying mid-notebook
 """
 from __future__ import annotations
 
@@ -757,5 +758,5 @@ def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path
     first = reproduce.notebooks()[0].name
     assert (out / first).read_text() == "complete\n"
     assert (out / second).read_text() == "previous complete run\n"  # the previous copy is intact
-    assert (out / f".{second}.partial").is_file()  # kept for inspection, under a name that never looks complete
+    assert (out / f".{Path(second).stem}.partial.ipynb").is_file()  # kept for inspection, under a name that never looks complete
     assert not (tmp_path / "results" / "toy" / "summary.md").exists()
