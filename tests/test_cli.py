@@ -70,10 +70,22 @@ def test_every_shipped_config_loads():
     assert "clip.arch" in valid_keys()
 
 
-def test_toy_config_uses_the_toy_clip_at_its_own_size():
+def test_toy_config_uses_the_toy_clip_at_its_own_size(monkeypatch):
+    import reclip_core
+    import reclip_core.hypothesis as hyp
+    from reclip_core.text import text_embeddings
+
     cfg = load_config("toy")
     assert cfg.dataset == "toyworld" and cfg.clip.arch == "toy" and cfg.profile == "toy"
     assert cfg.hypothesis_input_size is None  # → the toy CLIP's own image size, read from the model
+    clip = reclip_core.load_clip("toy", pretrained=None, device="cpu")  # random weights, same architecture
+    shapes = []
+    real = hyp.encode_image_cls
+    monkeypatch.setattr(hyp, "encode_image_cls", lambda c, x, **k: (shapes.append(tuple(x.shape)), real(c, x, **k))[1])
+    text = text_embeddings(clip, ["red circle", "blue star"], ["a photo of a {}."])
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    list(hyp.window_vote(clip, [("a", img)], text, window=cfg.window, stride=cfg.stride))
+    assert shapes == [(9, 3, 64, 64)]  # 3 x 3 windows of 32 px, each resized to the toy CLIP's 64 px, not 224
 
 
 @pytest.mark.timeout(600)
