@@ -8,6 +8,7 @@ that says what to do (unknown config keys and datasets list the valid ones).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -160,6 +161,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # Runtime faults whose message already says what to do: no traceback to dig through.
+        from .training import NonFiniteLossError
+
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        if isinstance(err, NonFiniteLossError) or full:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 __all__ = ("main",)

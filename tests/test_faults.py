@@ -760,3 +760,28 @@ def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path
     assert (out / second).read_text() == "previous complete run\n"  # the previous copy is intact
     assert (out / f".{Path(second).stem}.partial.ipynb").is_file()  # kept for inspection, under a name that never looks complete
     assert not (tmp_path / "results" / "toy" / "summary.md").exists()
+
+
+def test_11_and_14_cli_reports_runtime_faults_without_a_traceback(monkeypatch, capsys, tmp_path):
+    """Through ``python -m reclip_core train``: status 1 and the library's message, no traceback."""
+    import reclip_core.training as training
+    from reclip_core.cli import main
+
+    def nan_train(*a, **k):
+        raise training.NonFiniteLossError("training stopped: non-finite loss ... the last good checkpoint is X")
+
+    monkeypatch.setattr(training, "train", nan_train)
+    argv = ["train", "--config", "toy", "--set", f"output_dir={tmp_path}", "--set", "device=cpu",
+            "--set", "num_threads=null", "--quiet"]  # (toy.yaml sets 1 thread for the whole process)
+    assert main(argv) == 1
+    assert "error: training stopped: non-finite loss" in capsys.readouterr().err
+
+    def full_train(*a, **k):
+        raise OSError(errno.ENOSPC, "no space left on the device ... free space and run the step again")
+
+    monkeypatch.setattr(training, "train", full_train)
+    assert main(argv) == 1
+    assert "no space left" in capsys.readouterr().err
+    monkeypatch.setattr(training, "train", lambda *a, **k: 1 / 0)  # anything else still raises
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
