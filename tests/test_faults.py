@@ -173,6 +173,7 @@ def test_05_16bit_arrays_scaled_and_unknown_ranges_refused(tiny_clip):
     t = to_image_tensor(np.full((4, 5, 3), 0x8000, np.uint16))
     assert t.dtype == torch.uint8 and int(t[0, 0, 0]) == 128
     assert tuple(to_image_tensor(np.full((4, 5), 9, np.uint8)).shape) == (3, 4, 5)  # greyscale array
+    assert torch.equal(to_image_tensor(torch.full((1, 4, 5), 9, dtype=torch.uint8)), torch.full((3, 4, 5), 9, dtype=torch.uint8))
     assert torch.equal(to_image_tensor(np.zeros((4, 5, 4), np.uint8) + 7), torch.full((3, 4, 5), 7, dtype=torch.uint8))
     # a float image outside [0, 1], integers outside 0..255, 32-bit float PIL images: refused, with the fix
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*divide 8-bit values by 255"):
