@@ -270,6 +270,7 @@ def build_feature_cache(model: nn.Module, views: TrainViews, n_views: int, batch
     for p in (model.clip.visual.conv1.weight, model.clip.visual.proj):
         if p is not None:
             digest.update(p.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps(getattr(views.transform, "settings", views.transform.crop), sort_keys=True).encode())
     key = f"{views.seed}-{n_views}-{len(views)}-{views.transform.crop}-{digest.hexdigest()[:16]}"
     if path is not None and path.is_file():
         from safetensors import safe_open

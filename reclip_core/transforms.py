@@ -184,6 +184,10 @@ class TrainTransform:
     def __init__(self, crop: int, scale: Tuple[int, int], ratio_range: Sequence[float] = (0.5, 2.0),
                  flip: bool = True, photometric: bool = True):
         self.crop = int(crop)
+        # Everything a view depends on besides its seed (the feature cache's key includes it).
+        self.settings = {"crop": self.crop, "scale": [float(v) for v in scale],
+                         "ratio_range": [float(v) for v in ratio_range], "flip": bool(flip),
+                         "photometric": bool(photometric)}
         steps = [RandomRescale(tuple(scale), tuple(ratio_range)), RandomCropNoPad(self.crop)]
         if flip:
             steps.append(v2.RandomHorizontalFlip(p=0.5))

@@ -236,6 +236,10 @@ def test_feature_cache_skips_the_clip_forward_during_epochs(tmp_path, tiny_clip,
     train(tiny_config(tmp_path / "run", epoch=3, feature_cache=True, feature_cache_views=2), dataset=ImageSet(n),
           hypotheses=hypotheses_for(n), clip=tiny_clip, progress=False, resume=False)
     assert calls["images"] == 0
+    # other view settings → other views: the cache is rebuilt, not reused
+    train(tiny_config(tmp_path / "run", epoch=3, feature_cache=True, feature_cache_views=2, scale_range=[1.0, 1.0]),
+          dataset=ImageSet(n), hypotheses=hypotheses_for(n), clip=tiny_clip, progress=False, resume=False)
+    assert calls["images"] == 2 * n
 
 
 def test_global_batch_must_split_over_processes_and_fit_the_data(tmp_path, tiny_clip):
