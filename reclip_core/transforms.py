@@ -58,7 +58,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError("a floating-point image (mode F) has no known value range; scale it to 0..255 and "
                          "convert it to 8-bit ('L' or 'RGB') before segmenting it.")
     if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # the documented route (a direct P -> RGB warns)
+        image = image.convert("RGBA")  # PIL's documented route (some versions warn on a direct P -> RGB)
     return image.convert("RGB")
 
 
@@ -75,6 +75,8 @@ def open_image(path) -> Image.Image:
             return to_rgb(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist.") from None
+    except PermissionError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: the file is corrupt, truncated or not an image "
                          f"({type(err).__name__}: {err}). Replace it with a good copy.") from err
