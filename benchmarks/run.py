@@ -435,14 +435,14 @@ def notes_for(mode: str, results: dict, args) -> List[str]:
         "Rows 1a/1b time the model forward only; rows 1c/1d the whole per-image evaluation step. Row 4 "
         "divides the analytic FLOPs of our evaluation forward (dense ViT + logits + decoder conv; "
         "element-wise ops not counted) by each timed forward's time and compares with the fp32 2048² matmul "
-        "rate measured right before that forward (the matmul burst's time is taken out of the step times).",
+        "rate measured right before that forward (the matmul burst runs outside every timed region).",
         "Training rows: the same N images, hypotheses, label-free views (the library's `TrainViews`, "
         "augmentation included in the timed epoch for both paths), Gumbel noise per image, SGD (lr 0.01, "
         "momentum 0.9, weight decay 5e-4); only the batching (ours: the library's training step on "
         "mini-batches) and, for 2b, the library's cache of frozen CLIP features of one fixed view per image "
         "(fewer augmentations: a documented trade-off; its one-off build time is given in the row) differ.",
-        "A target below the measured ratio is printed as MISSED. The machine is shared (other jobs run); "
-        "read the load average columns before trusting a ratio.",
+        "A measured value that misses its target is printed as MISSED. The machine is shared (other jobs "
+        "run); read the load average columns before trusting a ratio.",
     ]
     return notes
 
