@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -88,7 +89,16 @@ def test_server_lists_notebooks_and_runs_one_through_its_kernel(jupyter_server, 
     import websocket  # websocket-client, a dependency of jupyter_server
 
     base, token = jupyter_server
-    listing = _api(base, token, "/api/contents/notebooks")
+    # /api/status answers before every server extension (e.g. jupytext's contents manager) is
+    # ready; give the contents API a moment instead of failing on its first 400.
+    for attempt in range(60):
+        try:
+            listing = _api(base, token, "/api/contents/notebooks")
+            break
+        except urllib.error.HTTPError as err:
+            if attempt == 59:
+                raise AssertionError(f"contents API kept failing: {err.code} {err.read()[:300]!r}") from err
+            time.sleep(1)
     names = {item["name"] for item in listing["content"]}
     assert set(NOTEBOOKS) <= names
     with pytest.raises(urllib.error.HTTPError):  # token auth is on
