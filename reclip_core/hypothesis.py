@@ -229,7 +229,7 @@ def compute_hypotheses(
                                      "settings": settings, "hypotheses": done})
 
     n_total = len(dataset) if max_images is None else min(len(dataset), max_images)
-    subset = dataset if max_images is None else _Head(dataset, n_total)
+    subset = dataset if max_images is None else Head(dataset, n_total)
     items = _iter_items(subset, set(done))
     if mode == "window":
         stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token)
@@ -250,14 +250,15 @@ def compute_hypotheses(
     return done
 
 
-class _Head:
-    """The first ``n`` items of a dataset (keeps ``ids`` when the reader has them)."""
+class Head:
+    """The first ``n`` items of a dataset (``max_train_images`` / ``max_val_images``); keeps the
+    reader's ``ids`` so resumable passes can skip done items without decoding them."""
 
     def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, n
+        self.dataset, self.n = dataset, min(int(n), len(dataset))
         ids = getattr(dataset, "ids", None)
         if ids is not None:
-            self.ids = ids[:n]
+            self.ids = ids[:self.n]
 
     def __len__(self) -> int:
         return self.n

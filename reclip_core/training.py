@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from .hypothesis import Head  # the 'first n items' view shared with the hypothesis pass
 from .atomic_io import atomic_save_safetensors, atomic_write_csv, atomic_write_json
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .transforms import TrainTransform, sample_seed, train_transform_from_config
@@ -116,19 +117,6 @@ class CachedViews(Dataset):
         return {"index": index, "feat": self.feats[v, index].float(), "hyp": self.hyps[index]}
 
 
-class Head:
-    """The first ``n`` items of a dataset (``max_train_images``)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(int(n), len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[i]
 
 
 # ------------------------------------------------------------------------------------------------
