@@ -19,7 +19,7 @@ from benchmarks.ours import (ours_eval_image, ours_evaluate, ours_feature_cache,
 from benchmarks.release_style import (release_evaluate, release_forward, release_hypothesis, release_loss,
                                       release_loss_from_masks, release_train_epoch)
 from benchmarks.rows import BENCH_TEMPLATES
-from benchmarks.run import build_rows, main, same_output
+from benchmarks.run import build_rows, main, same_output, time_reproduce
 from reclip_core import ReCLIPPP, class_names
 from reclip_core.loss import gumbel_masked_contrastive_loss
 from reclip_core.training import TrainViews
@@ -234,6 +234,20 @@ def test_summarize_and_missed_targets_are_printed():
     assert rows[0]["result"].startswith("FAILED")
     assert same_output(torch.zeros(3), torch.ones(3)).startswith("NO")
     assert same_output(torch.zeros(3), torch.zeros(3)).startswith("yes")
+
+
+def test_reproduce_is_timed_in_a_fresh_results_tree(tmp_path, monkeypatch):
+    # a cached run (trained runs, hypotheses) under results/ would make the timing meaningless, and
+    # the benchmark must not overwrite the committed results
+    monkeypatch.setenv("RECLIP_RESULTS", str(tmp_path / "committed"))
+    probe = tmp_path / "seen.txt"
+    code = ("import os,pathlib,sys; d=pathlib.Path(os.environ['RECLIP_RESULTS']); "
+            f"pathlib.Path({str(probe)!r}).write_text(str(d)+'|'+str(list(d.iterdir())))")
+    res = time_reproduce([sys.executable, "-c", code], timeout=60)
+    assert res["returncode"] == 0
+    seen_dir, listing = probe.read_text().split("|")
+    assert seen_dir != str(tmp_path / "committed") and listing == "[]"
+    assert not Path(seen_dir).exists()  # cleaned up afterwards
 
 
 # ---------------------------------------------------------------------------------------------
