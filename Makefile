@@ -22,10 +22,13 @@ venv: $(VENV)/.installed
 # The unit tests, then nbval: the committed notebooks are re-executed (toy profile). With
 # --nbval-lax every cell must run without error and the cells marked `# NBVAL_CHECK_OUTPUT` (the
 # rounded metric tables) must reproduce their committed outputs; figures, timings and paths are
-# not compared.
+# not compared. The notebooks write into a temporary RECLIP_RESULTS tree: a test run neither
+# overwrites the committed results/ nor reuses runs cached there (it trains from scratch, as CI does).
 NBVAL_ARGS ?= --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=1200
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS)
+	@tmp=$$(mktemp -d -t reclip-test-results.XXXXXX); \
+	RECLIP_RESULTS=$$tmp $(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS); rc=$$?; \
+	rm -rf "$$tmp"; exit $$rc
 
 reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)

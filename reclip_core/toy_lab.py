@@ -267,6 +267,7 @@ def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
         L.append(f"- **{lab}**: weights `{prov['source']}`, sha256 `{m.get('sha256', '?')[:16]}…`, "
                  f"pretrained on preset `{m.get('preset')}` (hash `{m.get('preset_hash')}`), "
                  f"seed {m.get('seed')}, {m.get('steps')} steps × batch {m.get('batch_size')}, "
+                 f"{'bf16 autocast' if m.get('amp') == 'bf16' else 'float32'}, "
                  f"{m.get('wall_time_s')} s on {m.get('threads')} thread(s).")
     L.append("\nFigures: `bias_lab.png` (per-class share ratio; per-cell space-bias maps). "
              "Tables: `bias_lab.csv`, `bias_lab_classes.csv`, `bias_lab_cells.csv`; "
