@@ -34,7 +34,8 @@ reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)
 
 # The toy world (both presets) and the toy CLIPs. The weights are committed with their sha256,
-# so `make reproduce` never retrains; these targets rebuild them (about 15 min each on 2 free cores).
+# so `make reproduce` never retrains; these targets rebuild them (about 13 min each on 2 free cores,
+# bf16 autocast; the third is the biased recipe's second seed).
 toy-world: venv
 	$(PY) -m data_prep.toyworld --preset biased
 	$(PY) -m data_prep.toyworld --preset uniform
@@ -42,6 +43,7 @@ toy-world: venv
 toy-clip: toy-world
 	$(PY) -m data_prep.pretrain_toy_clip --preset biased
 	$(PY) -m data_prep.pretrain_toy_clip --preset uniform
+	$(PY) -m data_prep.pretrain_toy_clip --preset biased --seed 1 --out reclip_core/pretrained/toy_clip_biased_seed1
 
 # Re-execute the notebooks in place so their committed outputs (checked by nbval) are refreshed.
 notebooks: venv

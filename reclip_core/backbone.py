@@ -57,8 +57,8 @@ def load_clip(
     - ``pretrained=<file path>``: local open_clip weights (``.safetensors``/``.bin``/``.pt``).
     - ``arch=<path to an open_clip model-config .json>``: a custom (e.g. small) architecture.
     - ``arch="toy"``: the toy world's small CLIP (``pretrained`` ``"openai"``/``"biased"`` → the
-      committed default weights, ``"uniform"`` → the uniformly pretrained ones, a folder → weights
-      there, ``None`` → random).
+      committed default weights, ``"uniform"`` → the uniformly pretrained ones, ``"biased_seed1"`` →
+      a second pretraining seed of the default, a folder → weights there, ``None`` → random).
     """
     import open_clip
 
@@ -113,12 +113,13 @@ def load_clip(
 def _toy_weights_dir(pretrained: str) -> Optional[Path]:
     if pretrained in ("openai", "biased", "toy"):
         return None  # load_toy_clip's default: the committed, biased-pretrained weights
-    if pretrained == "uniform":
-        return Path(__file__).parent / "pretrained" / "toy_clip_uniform"
+    if pretrained in ("uniform", "biased_seed1"):  # biased_seed1: the second pretraining seed
+        return Path(__file__).parent / "pretrained" / f"toy_clip_{pretrained}"
     path = Path(pretrained)
     if not path.exists():
         raise FileNotFoundError(
-            f"Toy CLIP weights {path} not found. Use pretrained='biased' or 'uniform' (committed), "
+            f"Toy CLIP weights {path} not found. Use pretrained='biased', 'uniform' or 'biased_seed1' "
+            f"(committed), "
             f"or rebuild them with `make toy-clip`."
         )
     return path

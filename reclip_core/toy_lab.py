@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MODELS = {"biased": "biased", "uniform": "uniform"}
+# the biased model, the same recipe on the uniform preset, and the biased recipe's second seed
+DEFAULT_MODELS = {"biased": "biased", "uniform": "uniform", "biased, seed 1": "biased_seed1"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-val", type=int, default=None)
     ap.add_argument("--model", action="append", default=None, metavar="LABEL=SPEC",
                     help="toy CLIP to evaluate (repeatable), e.g. biased=biased, "
-                         "seed1=path/to/weights; default: biased and uniform")
+                         "seed1=path/to/weights; default: biased, uniform and the biased second seed")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = dict(m.split("=", 1) for m in args.model) if args.model else None

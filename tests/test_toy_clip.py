@@ -38,15 +38,18 @@ def tok(config):
 
 
 # ---------------------------------------------------------------------------- committed weights
-@pytest.mark.parametrize("preset", PRESETS)
-def test_committed_weights_match_their_sha256(preset, config):
-    d = toy_clip_dir(preset)
+@pytest.mark.parametrize("preset,folder,seed", [("biased", "biased", 0), ("uniform", "uniform", 0),
+                                                ("biased", "biased_seed1", 1)])
+def test_committed_weights_match_their_sha256(preset, folder, seed, config):
+    d = toy_clip_dir(folder)
     manifest = json.loads((d / MANIFEST_FILE).read_text())
     digest = hashlib.sha256((d / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert digest == manifest["sha256"]
-    assert manifest["preset"] == preset
-    for key in ("seed", "steps", "batch_size", "data_hash", "wall_time_s", "metrics"):
+    assert manifest["preset"] == preset and manifest["seed"] == seed
+    for key in ("seed", "steps", "batch_size", "data_hash", "wall_time_s", "metrics", "amp"):
         assert key in manifest, key
+    # the budget of issue 3: <= 15 min of pretraining on 2 cores
+    assert manifest["threads"] == 2 and manifest["wall_time_s"] <= 15 * 60, manifest["wall_time_s"]
     assert (d / WEIGHTS_FILE).stat().st_size < 10_000_000  # "a few MB"
     # the model config stored beside the weights is the repository's config
     assert json.loads((d / CONFIG_FILE).read_text()) == config
@@ -162,17 +165,17 @@ def _text_features(model, names, templates):
     return torch.stack(feats)
 
 
-# Measured on the committed weights (seed 0, 700 steps x 256), top-1 in the image's classes:
-# biased 86.7% (1000 val images, caption templates) / 85.3% (these 300, "a photo of a {}."),
-# uniform 92.8% (1000) / 89.3% (300).
+# Measured on the committed weights (seed 0, 1400 steps x 128, bf16), top-1 in the image's classes:
+# biased 89.6% (1000 val images, caption templates) / 89.0% (these 300, "a photo of a {}."),
+# uniform 93.3% (1000) / 93.3% (300); the biased second seed 88.7% (1000).
 # The issue asks for >= 90%; the biased toy CLIP's class token still reads the look-alike pairs
-# partly by position (an earlier, strictly split preset gave 83%). Known shortfall, kept visible.
-_ZS_SHORT = pytest.mark.xfail(reason="toy CLIP image-level zero-shot below the issue's 90% "
-                              "(measured 85.3% biased / 89.3% uniform on these 300 images); "
-                              "needs longer pretraining or a revised preset", strict=False)
+# partly by position (that is the injected space bias). Known shortfall, kept visible: strict xfail
+# for the biased model, so a model that reaches 90% turns the mark into a failure to be removed.
+_ZS_SHORT = pytest.mark.xfail(reason="biased toy CLIP image-level zero-shot below the issue's 90% "
+                              "(measured 89.0% on these 300 images)", strict=True)
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=_ZS_SHORT) for p in PRESETS])
+@pytest.mark.parametrize("preset", [pytest.param("biased", marks=_ZS_SHORT), "uniform"])
 def test_zero_shot_image_level_accuracy_on_val(preset, val_batch):
     """Class-token path, text features from the class names in the prompt "a photo of a {}.":
     the top-1 class must be one of the image's classes for >= 90% of val images."""
