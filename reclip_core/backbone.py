@@ -37,6 +37,23 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     return device
 
 
+def clip_fingerprint(clip: nn.Module) -> str:
+    """A short digest of the frozen CLIP's weights. Everything derived from CLIP and stored on disk
+    (hypotheses, feature caches, training runs) records it, so files made with other weights (e.g.
+    after `make toy-clip`) are refused instead of silently reused. Hashes the patch embedding, the
+    visual and text projections and the class embedding: cheap, and any retraining changes them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    visual = clip.visual
+    conv1 = getattr(visual, "conv1", None)
+    for t in (None if conv1 is None else conv1.weight, getattr(visual, "proj", None),
+              getattr(visual, "class_embedding", None), getattr(clip, "text_projection", None)):
+        if isinstance(t, torch.Tensor):
+            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():

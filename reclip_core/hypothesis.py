@@ -208,8 +208,11 @@ def compute_hypotheses(
         text = text_embeddings(clip, names, templates)
     stride = stride or max(1, window // 2)
     size = input_size or clip_input_size(clip)
+    from .backbone import clip_fingerprint
+
     settings = {"mode": mode, "input_size": size, "templates": settings_fingerprint({"t": templates}),
-                "ln_eps": ln_eps, "cls_token": None if cls_token is None else str(cls_token)}
+                "ln_eps": ln_eps, "cls_token": None if cls_token is None else str(cls_token),
+                "clip_weights": clip_fingerprint(clip)}
     if mode == "window":
         settings.update(window=int(window), stride=int(stride))
     else:

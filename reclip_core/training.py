@@ -232,9 +232,16 @@ def poly_lr(base_lr: float, epoch: int, max_epoch: int, power: float = 0.9) -> f
     return base_lr * (1.0 - epoch / max_epoch) ** power
 
 
-def config_fingerprint(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """The part of a config that must match for a resumed run to continue the same computation."""
-    return {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS}
+def config_fingerprint(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """The part of a config that must match for a resumed run to continue the same computation,
+    plus the frozen CLIP's weight digest (the config names the weights, e.g. ``pretrained: biased``,
+    but retrained weights under the same name are another computation)."""
+    fp = {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS}
+    if clip is not None:
+        from .backbone import clip_fingerprint
+
+        fp["clip_weights"] = clip_fingerprint(clip)
+    return fp
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +260,11 @@ def build_feature_cache(model: nn.Module, views: TrainViews, n_views: int, batch
     # (a cache may be shared between runs through ``feature_cache_path``).
     import hashlib
 
+    from .backbone import clip_fingerprint
+
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted((str(k), list(map(int, v))) for k, v in views.hypotheses.items())).encode())
-    for p in (model.clip.visual.conv1.weight, model.clip.visual.proj):
-        if p is not None:
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+    digest.update(clip_fingerprint(model.clip).encode())
     digest.update(json.dumps(getattr(views.transform, "settings", views.transform.crop), sort_keys=True).encode())
     key = f"{views.seed}-{n_views}-{len(views)}-{views.transform.crop}-{digest.hexdigest()[:16]}"
     if path is not None and path.is_file():
@@ -375,7 +382,7 @@ def train(
     latest = find_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         ck = load_checkpoint(ckpt_dir)
-        if ck.state.get("fingerprint") != _jsonable(config_fingerprint(cfg)):
+        if ck.state.get("fingerprint") != _jsonable(config_fingerprint(cfg, model.clip)):
             raise ValueError(f"{ckpt_dir} holds a run with a different config; use another output_dir "
                              "or pass resume=False (--no-resume) to start over.")
         model.load_trainable_state_dict({k: v.to(device) for k, v in ck.weights.items()})
@@ -402,7 +409,7 @@ def train(
         return {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": global_step, "finished": finished,
                 "loss": loss, "steps_per_epoch": steps_per_epoch, "world_size": world,
                 "class_names": names, "config": _jsonable(dict(cfg)),
-                "fingerprint": _jsonable(config_fingerprint(cfg)), "torch": torch.__version__,
+                "fingerprint": _jsonable(config_fingerprint(cfg, model.clip)), "torch": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def checkpoint(epoch: int, step_in_epoch: int, finished: bool, loss: float) -> None:

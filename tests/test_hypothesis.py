@@ -132,6 +132,19 @@ def test_resume_refuses_other_settings(tmp_path, tiny_clip):
         load_hypotheses(out, NAMES[::-1])
 
 
+def test_resume_refuses_hypotheses_of_other_clip_weights(tmp_path, tiny_clip):
+    # same architecture and name, retrained weights (e.g. after `make toy-clip`): not the same votes
+    import copy
+
+    out = tmp_path / "h.json"
+    compute_hypotheses(tiny_clip, ImageSet(2), NAMES, out, templates=SINGLE, window=16, stride=8, progress=False)
+    other = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        other.visual.proj.add_(0.01)
+    with pytest.raises(ValueError, match="other settings"):
+        compute_hypotheses(other, ImageSet(2), NAMES, out, templates=SINGLE, window=16, stride=8, progress=False)
+
+
 def test_order_of_the_dataset_does_not_matter(tmp_path, tiny_clip):
     class Reversed(ImageSet):
         def __getitem__(self, i):

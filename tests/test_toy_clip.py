@@ -23,7 +23,6 @@ from reclip_core.toy_clip import (
     toy_clip_dir,
 )
 
-PRESETS = ("biased", "uniform")
 N_VAL = 300
 
 

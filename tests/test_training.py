@@ -192,6 +192,19 @@ def test_refuses_to_resume_a_different_config(tmp_path, tiny_clip):
     assert res.steps == 4
 
 
+def test_refuses_to_resume_with_other_clip_weights(tmp_path, tiny_clip):
+    import copy
+
+    train(tiny_config(tmp_path / "r", epoch=1), dataset=ImageSet(8), hypotheses=hypotheses_for(8),
+          clip=tiny_clip, progress=False)
+    other = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        other.visual.conv1.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_config(tmp_path / "r", epoch=2), dataset=ImageSet(8), hypotheses=hypotheses_for(8),
+              clip=other, progress=False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_clip, monkeypatch):
     from reclip_core.model import ReCLIPPP
 
