@@ -51,6 +51,7 @@ print(f"profile={lab.profile} dataset={lab.dataset} classes={len(lab.class_names
 # classes present) and the release's (absent classes count 0); PD is the presence filter.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 maskclip = lab.model("maskclip")
 report = lab.evaluate(maskclip, bias_grid=grid, examples=4)
 print(lab.save_table(report.summary(), "01_maskclip_miou", title="MaskCLIP").to_string(index=False))
@@ -61,6 +62,7 @@ print(lab.save_table(report.summary(), "01_maskclip_miou", title="MaskCLIP").to_
 # CLIP prefers (>1) or avoids (<1); the total variation distance (TVD) sums it up (0 = none).
 
 # %%
+# NBVAL_CHECK_OUTPUT
 class_bias = report.bias["maskclip"].class_bias(lab.class_names)
 print(f"class-bias TVD = {class_bias.tvd:.3f}")
 print(lab.save_table(class_bias.table, "01_class_bias", floatfmt=".3f").to_string(index=False))
@@ -96,11 +98,13 @@ lab.save_figure(plots.plot_segmentations(ex["images"], {"truth": ex["labels"], "
 # %% [markdown]
 # ## Toy lab: are the injected biases recovered?
 # Two toy CLIPs, one pretrained on the **biased** preset and one on a **uniform** one, are
-# evaluated with MaskCLIP on the same validation images. `follow_position` is, for a look-alike
+# evaluated with MaskCLIP on the same validation images, beside a second pretraining seed of the
+# biased recipe (how much of a difference is only the seed?). `follow_position` is, for a look-alike
 # pair, the share of the pair's pixels labelled with the class whose pretraining region contains
 # the pixel (0.5: position plays no role). This writes the lab report `results/toy/bias_lab.md`.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 if lab.profile == "toy":
     bias_lab = rc.toy_lab.run_bias_lab(out_dir=rc.lab.RESULTS_DIR / "toy", n_val=lab.cfg["max_val_images"])
     import pandas as pd

@@ -53,6 +53,7 @@ model = lab.model("reclip++").eval()
 # for the five benchmarks — `tests/test_model.py`).
 
 # %%
+# NBVAL_CHECK_OUTPUT
 import pandas as pd
 
 parts = pd.DataFrame([{"part": name.split(".")[0], "tensor": name, "shape": tuple(p.shape), "parameters": p.numel()}
@@ -66,6 +67,7 @@ print("trainable parameters:", model.num_trainable_parameters())
 # Reference feature of one class compared (cosine) with every class text feature.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 with torch.no_grad():
     ref = model.reference_features()
     sim = F.normalize(ref, dim=-1) @ lab.text.T

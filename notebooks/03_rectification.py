@@ -35,6 +35,7 @@ epochs = None     # None: the config's EPOCH
 grid = 4
 
 # %%
+# NBVAL_CHECK_OUTPUT
 import pandas as pd
 import torch
 
@@ -59,6 +60,7 @@ for mode in ("both", "class", "space"):
 # each rectification variant. Lower TVD = less biased.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 def row(name, report, head):
     m = report.metrics[head]
     b = report.bias[head]

@@ -51,6 +51,7 @@ lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs)
 # measured on the **validation** split (evaluation code; training never sees a label).
 
 # %%
+# NBVAL_CHECK_OUTPUT
 hypotheses = lab.hypotheses()
 quality = lab.hypothesis_quality()
 print(f"train: {len(hypotheses)} images; val hypotheses: precision {100 * quality['precision']:.1f}%  "
@@ -60,6 +61,7 @@ print(f"train: {len(hypotheses)} images; val hypotheses: precision {100 * qualit
 # ## Training
 
 # %%
+# NBVAL_CHECK_OUTPUT
 model = lab.train("reclip++")
 history = lab.loss_history("reclip++")
 print(f"{len(history)} steps; loss first epoch {history[history.epoch == history.epoch.min()].loss.mean():.3f} "
@@ -75,6 +77,7 @@ lab.save_figure(plots.plot_loss_curve(history, title="ReCLIP++ training loss (Gu
 # output, and one draw of the hard Gumbel masks the loss pools features with.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 report = lab.evaluate(model, bias_grid=grid, examples=4)
 print(lab.save_table(report.summary(), "04_reclippp_miou", title="ReCLIP++ (rectification + decoder)").to_string(index=False))
 

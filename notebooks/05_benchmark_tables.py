@@ -45,6 +45,7 @@ runs = {
 reports = {name: (lab.evaluate(make(), name=name), head) for name, (make, head) in runs.items()}
 
 # %%
+# NBVAL_CHECK_OUTPUT
 rows = []
 for name, (report, head) in reports.items():
     m = report.metrics[head]
@@ -57,10 +58,11 @@ print(lab.save_table(table, "05_benchmark", title=f"{lab.profile} / {lab.dataset
 # ## Against the reference numbers
 
 # %%
+# NBVAL_CHECK_OUTPUT
 reference = rc.lab.reference_numbers(lab.profile, lab.dataset)
 compare = rc.lab.compare_to_reference(table, reference)
 print(lab.save_table(compare, "05_vs_reference", title="Against the paper / compass goals").to_string(index=False))
-lab.write_headline(rc.lab.headline(lab, table, compare))
+headline_file = lab.write_headline(rc.lab.headline(lab, table, compare))  # results/<profile>/<dataset>/headline.md
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -126,10 +126,44 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
         partial = target.with_name(f".{target.stem}.partial.ipynb")  # papermill warns on other suffixes
         pm.execute_notebook(str(nb), str(partial), parameters=params, kernel_name="python3",
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
+        if inplace:
+            strip_run_metadata(partial)
         os.replace(partial, target)
+        if inplace:
+            publish_executed_copy(target, out_dir)
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         print(f"[reproduce] {nb.name} done in {timings[nb.name]} s", flush=True)
     return write_summary(profile, dataset, timings)
+
+
+def publish_executed_copy(notebook: Path, out_dir: Path) -> Path:
+    """Copy an executed notebook to ``results/<profile>/notebooks/`` (atomically), so that the
+    executed copies ``summary.md`` links always belong to the same run as the tables beside them."""
+    dest = Path(out_dir) / notebook.name
+    atomic_write_text(dest, notebook.read_text(encoding="utf-8"))
+    return dest
+
+
+def strip_run_metadata(path: Path) -> None:
+    """Make an executed notebook fit to commit beside its py:percent twin: drop papermill's
+    injected-parameters cell (the twin has no such cell, and jupytext refuses a pair whose cells
+    differ) and the per-run metadata (papermill timings, execution timestamps) that would make every
+    re-run a diff. Outputs and execution counts stay: nbval compares the outputs."""
+    import nbformat
+
+    nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
+    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    for i, cell in enumerate(nb["cells"]):
+        for key in ("papermill", "execution"):
+            cell.get("metadata", {}).pop(key, None)
+        if cell.get("cell_type") == "code":
+            # papermill numbers cells including the dropped one; renumber so the counts read 1, 2, ...
+            cell["execution_count"] = sum(c.get("cell_type") == "code" for c in nb["cells"][: i + 1])
+            for out in cell.get("outputs", []):
+                if "execution_count" in out:
+                    out["execution_count"] = cell["execution_count"]
+    nb.get("metadata", {}).pop("papermill", None)
+    atomic_write_text(path, nbformat.writes(nb) + "\n")
 
 
 def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path:

@@ -128,7 +128,7 @@ def evaluate_maskclip(clip, preset: Mapping, root=None, n_val: int | None = None
     zs_hits = 0
     for s in range(0, n, batch_size):
         items = [val[i] for i in range(s, min(n, s + batch_size))]
-        x = torch.stack([torch.from_numpy(np.asarray(it["image"])).permute(2, 0, 1)
+        x = torch.stack([torch.from_numpy(np.array(it["image"])).permute(2, 0, 1)
                          for it in items]).float().div(255)
         x = normalize_images(x)
         label = torch.from_numpy(np.stack([it["label"] for it in items]))

@@ -1,0 +1,78 @@
+"""The committed notebooks: paired twins, parameters, the toy outputs nbval compares."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from reclip_core import reproduce
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = reproduce.notebooks()
+CHECK = "# NBVAL_CHECK_OUTPUT"
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def test_five_numbered_notebooks():
+    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_py_percent_twin_has_the_same_cells(path):
+    # Jupyter's jupytext contents manager refuses to open a pair whose inputs differ.
+    twin = path.with_suffix(".py")
+    assert twin.exists(), f"{twin.name} missing: run `jupytext --sync notebooks/*.ipynb`"
+    assert _cells(jupytext.read(path)) == _cells(jupytext.read(twin)), \
+        f"{path.name} and {twin.name} differ: run `jupytext --sync notebooks/*.ipynb`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_names_the_run(path):
+    names = reproduce.notebook_parameters(path)
+    assert {"profile", "dataset", "device", "seed"} <= set(names), names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_carries_the_toy_outputs_nbval_checks(path):
+    nb = nbformat.read(path, as_version=4)
+    checked = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
+    assert checked, f"{path.name}: no cell marked {CHECK}; nbval would compare nothing"
+    empty = [c.source.splitlines()[1] for c in checked if not any(o.get("text") or o.get("data") for o in c.outputs)]
+    assert not empty, f"{path.name}: checked cells without outputs {empty}; run `make notebooks`"
+    # committed as written by `make notebooks`: no papermill injection or run metadata
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert "papermill" not in nb.metadata
+    assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
+
+
+def test_strip_run_metadata_keeps_outputs_and_drops_the_run(tmp_path):
+    nb = nbformat.v4.new_notebook(metadata={"papermill": {"duration": 1.0}})
+    params = nbformat.v4.new_code_cell("profile = 'toy'", metadata={"tags": ["parameters"]}, execution_count=1)
+    injected = nbformat.v4.new_code_cell("profile = 'toy'", metadata={"tags": ["injected-parameters"]},
+                                         execution_count=2)
+    body = nbformat.v4.new_code_cell(f"{CHECK}\nprint(1)", execution_count=3,
+                                     metadata={"papermill": {"duration": 0.1}, "execution": {"iopub.status.idle": "x"}},
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), params, injected, body]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    reproduce.strip_run_metadata(path)
+    out = nbformat.read(path, as_version=4)
+    assert [c.source for c in out.cells] == ["# t", "profile = 'toy'", f"{CHECK}\nprint(1)"]
+    assert [c.get("execution_count") for c in out.cells[1:]] == [1, 2]
+    assert out.cells[2].outputs[0]["text"] == "1\n"
+    assert "papermill" not in out.metadata
+    assert out.cells[2].metadata == {}
+
+
+def test_publish_executed_copy_writes_beside_the_results(tmp_path):
+    nb = tmp_path / "01_x.ipynb"
+    nb.write_text('{"cells": []}')
+    dest = reproduce.publish_executed_copy(nb, tmp_path / "results" / "toy" / "notebooks")
+    assert dest == tmp_path / "results" / "toy" / "notebooks" / "01_x.ipynb"
+    assert dest.read_text() == nb.read_text()
