@@ -259,3 +259,20 @@ def test_global_batch_must_split_over_processes_and_fit_the_data(tmp_path, tiny_
     with pytest.raises(ValueError, match="fewer than one global batch"):
         train(tiny_config(tmp_path / "r", batch_size=16), dataset=ImageSet(8), hypotheses=hypotheses_for(8),
               clip=tiny_clip, progress=False)
+
+
+def test_heads_start_the_same_whether_clip_is_loaded_or_passed_in():
+    # the CLI loads the CLIP inside build_model, the notebooks pass theirs in: same initial heads
+    from reclip_core.backbone import load_clip
+    from reclip_core.config import load_config
+    from reclip_core.training import build_model
+
+    cfg = load_config("toy")
+    torch.manual_seed(cfg["seed"])
+    loaded_here = build_model(cfg, device="cpu").trainable_state_dict()
+    clip = load_clip("toy", "biased", device="cpu")
+    torch.manual_seed(cfg["seed"])
+    passed_in = build_model(cfg, clip=clip, device="cpu").trainable_state_dict()
+    assert loaded_here.keys() == passed_in.keys()
+    for k in loaded_here:
+        assert torch.equal(loaded_here[k], passed_in[k]), k
