@@ -153,12 +153,14 @@ def strip_run_metadata(path: Path) -> None:
 
     nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
     nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    for i, cell in enumerate(nb["cells"]):
+    count = 0
+    for cell in nb["cells"]:
         for key in ("papermill", "execution"):
             cell.get("metadata", {}).pop(key, None)
         if cell.get("cell_type") == "code":
             # papermill numbers cells including the dropped one; renumber so the counts read 1, 2, ...
-            cell["execution_count"] = sum(c.get("cell_type") == "code" for c in nb["cells"][: i + 1])
+            count += 1
+            cell["execution_count"] = count
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
                     out["execution_count"] = cell["execution_count"]
