@@ -366,6 +366,7 @@ def train(
 
     torch.manual_seed(cfg["seed"])  # identical head initialisation on every rank
     model = build_model(cfg, clip=clip, device=device)
+    fingerprint = _jsonable(config_fingerprint(cfg, model.clip))  # hashes CLIP weights: once per run
     _ = model.text  # text features once, before any wrapping
     views = TrainViews(dataset, hypotheses, len(names), train_transform_from_config(cfg), seed=cfg["seed"])
     data: Dataset = views
@@ -386,7 +387,7 @@ def train(
     latest = find_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         ck = load_checkpoint(ckpt_dir)
-        if ck.state.get("fingerprint") != _jsonable(config_fingerprint(cfg, model.clip)):
+        if ck.state.get("fingerprint") != fingerprint:
             raise ValueError(f"{ckpt_dir} holds a run with a different config; use another output_dir "
                              "or pass resume=False (--no-resume) to start over.")
         model.load_trainable_state_dict({k: v.to(device) for k, v in ck.weights.items()})
@@ -413,7 +414,7 @@ def train(
         return {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": global_step, "finished": finished,
                 "loss": loss, "steps_per_epoch": steps_per_epoch, "world_size": world,
                 "class_names": names, "config": _jsonable(dict(cfg)),
-                "fingerprint": _jsonable(config_fingerprint(cfg, model.clip)), "torch": torch.__version__,
+                "fingerprint": fingerprint, "torch": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def checkpoint(epoch: int, step_in_epoch: int, finished: bool, loss: float) -> None:
