@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from .metrics import check_label_maps, _to_numpy
+from .metrics import check_class_count, check_label_maps, _to_numpy
 
 __all__ = [
     "BiasAccumulator",
@@ -114,15 +114,9 @@ class BiasAccumulator:
     """
 
     def __init__(self, num_classes: int, grid: int = 4, ignore_index: int = 255) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+        check_class_count(num_classes, ignore_index)
         if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
             raise ValueError(f"grid must be a positive int (cells per side), got {grid!r}.")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index {ignore_index} is a valid class index for num_classes="
-                f"{num_classes}; use a value outside [0, {num_classes}) such as 255."
-            )
         self.num_classes = int(num_classes)
         self.grid = int(grid)
         self.ignore_index = int(ignore_index)

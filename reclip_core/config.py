@@ -78,6 +78,8 @@ SCHEMA: Dict[str, Key] = {
     "model": _k(str, "reclip++", "what to train", choices=MODEL_KINDS),
     "use_decoder": _k(bool, True, "ReCLIP++ mask decoder on (False: rectification only)"),
     "bias_mode": _k(str, "both", "ReCLIP++ bias ablation", choices=BIAS_MODES),
+    "gumbel_scale": _k(float, None, "scale of the logits inside the loss's Gumbel-Softmax (None: the method's "
+                       "constant, 100 for ReCLIP++ and 1000 for ReCLIP; other values are ablations)", optional=True),
     "templates": _k((str, list), "all", "'all' (85 templates), 'single' ('a photo of a {}.') or a list"),
     "hypothesis_mode": _k(str, "window", "ReCLIP++ window vote or ReCLIP threshold/top-K", choices=HYPOTHESIS_MODES),
     "hypothesis_threshold": _k(float, 23.0, "ReCLIP: whole-image score (100*cos) threshold"),

@@ -38,6 +38,17 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def check_class_count(num_classes: Any, ignore_index: int) -> None:
+    """``num_classes`` is a positive int and ``ignore_index`` is not one of its class indices."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index {ignore_index} is a valid class index for num_classes="
+            f"{num_classes}; use a value outside [0, {num_classes}) such as 255."
+        )
+
+
 def check_label_maps(
     pred: Any, target: Any, num_classes: int, ignore_index: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -94,13 +105,7 @@ class SegMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index {ignore_index} is a valid class index for num_classes="
-                f"{num_classes}; use a value outside [0, {num_classes}) such as 255."
-            )
+        check_class_count(num_classes, ignore_index)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)

@@ -6,7 +6,7 @@ the bias is modelled (method.md §2, §5) and whether a decoder refines the resu
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -128,18 +128,10 @@ class ReCLIPPP(_CLIPSegmenter):
 
     gumbel_scale = 100.0
 
-    def __init__(
-        self,
-        clip: nn.Module,
-        names: Sequence[str],
-        templates: Sequence[str] = PROMPT_TEMPLATES,
-        text: Optional[torch.Tensor] = None,
-        ln_eps: Optional[float] = None,
-        cls_token: ClsToken = None,
-        use_decoder: bool = True,
-        bias_mode: str = "both",
-    ):
-        super().__init__(clip, names, templates, text, ln_eps, cls_token)
+    def __init__(self, clip: nn.Module, names: Sequence[str], *, use_decoder: bool = True, bias_mode: str = "both",
+                 **common: Any):
+        # ``common``: the keyword arguments every segmenter takes (templates, text, ln_eps, cls_token)
+        super().__init__(clip, names, **common)
         if bias_mode not in BIAS_MODES:
             raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}.")
         self.bias_mode = bias_mode
@@ -215,16 +207,10 @@ class ReCLIP(ReCLIPPP):
 
     gumbel_scale = 1000.0
 
-    def __init__(
-        self,
-        clip: nn.Module,
-        names: Sequence[str],
-        templates: Sequence[str] = PROMPT_TEMPLATES,
-        text: Optional[torch.Tensor] = None,
-        ln_eps: Optional[float] = None,
-        cls_token: ClsToken = None,
-    ):
-        _CLIPSegmenter.__init__(self, clip, names, templates, text, ln_eps, cls_token)
+    def __init__(self, clip: nn.Module, names: Sequence[str], **common: Any):
+        # ``common`` as for every segmenter (templates, text, ln_eps, cls_token); the ReCLIP++ heads
+        # are not built: ReCLIP has its own bias model and no decoder.
+        _CLIPSegmenter.__init__(self, clip, names, **common)
         self.bias_mode = "reclip"
         self.use_decoder = False
         self.reference = ReferencePrompt(clip, self.class_names)

@@ -276,3 +276,25 @@ def test_heads_start_the_same_whether_clip_is_loaded_or_passed_in():
     assert loaded_here.keys() == passed_in.keys()
     for k in loaded_here:
         assert torch.equal(loaded_here[k], passed_in[k]), k
+
+
+def test_gumbel_scale_key_overrides_the_method_constant_for_the_loss(tmp_path, tiny_clip):
+    from reclip_core.loss import gumbel_masked_contrastive_loss
+    from reclip_core.model import ReCLIP, ReCLIPPP
+    from reclip_core.training import build_model
+
+    assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip).gumbel_scale == ReCLIPPP.gumbel_scale == 100.0
+    assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip, kind="reclip").gumbel_scale == ReCLIP.gumbel_scale
+    model = build_model(tiny_config(tmp_path / "b", gumbel_scale=1), clip=tiny_clip).eval()
+    assert model.gumbel_scale == 1.0 and ReCLIPPP.gumbel_scale == 100.0  # the class constant is untouched
+    with torch.no_grad():
+        out = model(images=torch.randn(2, 3, 32, 32))
+    hyps = [[0], [1]]
+    got = model.loss(out, hyps, generator=torch.Generator().manual_seed(0))
+    want = gumbel_masked_contrastive_loss(out["logits"], out["feat"], model.text, hyps, gumbel_scale=1.0,
+                                          generator=torch.Generator().manual_seed(0))
+    other = gumbel_masked_contrastive_loss(out["logits"], out["feat"], model.text, hyps, gumbel_scale=100.0,
+                                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want) and not torch.equal(got, other)
+    with pytest.raises(ValueError, match="gumbel_scale must be > 0"):
+        build_model(tiny_config(tmp_path / "c", gumbel_scale=0), clip=tiny_clip)
