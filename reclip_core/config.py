@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -162,6 +163,9 @@ def _type_name(key: Key) -> str:
     return names + (" or null" if key.optional else "")
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _check_value(dotted: str, key: Key, value: Any) -> Any:
     """Return ``value`` (ints widened to float where a float is expected) or raise ValueError."""
     if value is None:
@@ -169,6 +173,10 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
             return None
         raise ValueError(f"config key {dotted!r} must not be null; expected {_type_name(key)}.")
     ok = False
+    if float in key.types and isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        # PyYAML follows YAML 1.1, where "1e-4" (no dot in the mantissa) is a string, not a float:
+        # `--set lr=1e-4` or `lr: 1e-4` in a config file must still mean 0.0001.
+        value = float(value)
     for t in key.types:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             value, ok = float(value), True

@@ -59,6 +59,20 @@ def test_set_values_are_type_checked(capsys):
         load_config("voc", ["epoch=500"])
 
 
+def test_scientific_notation_is_a_float_on_the_command_line_and_in_files(tmp_path):
+    # PyYAML reads "1e-4" (YAML 1.1) as a string; a float key must still take it as 0.0001
+    cfg = load_config("voc", ["lr=1e-4", "weight_decay=5E-4", "gumbel_scale=+2e1"])
+    assert (cfg.lr, cfg.weight_decay, cfg.gumbel_scale) == (1e-4, 5e-4, 20.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: voc\ntest_size: 336\ncrop: 336\npd_threshold: 1.0\nmax_epoch: 2\nepoch: 1\n"
+                    "batch_size: 1\nlr: 1e-3\n")
+    assert load_config(path).lr == 1e-3
+    with pytest.raises(ValueError, match="expects int"):
+        load_config("voc", ["batch_size=1e3"])  # only float keys convert: a count stays strict
+    with pytest.raises(ValueError, match="expects float"):
+        load_config("voc", ["lr=1e-4x"])
+
+
 def test_every_shipped_config_loads():
     names = available_configs()
     assert {"voc", "context", "ade", "cityscapes", "coco_stuff27", "toy"} <= set(names)
