@@ -85,6 +85,16 @@ class EvalReport:
     def per_class(self, head: str, pd: bool = False):
         return self.metrics[head]["pd" if pd else "no_pd"].table(self.class_names)
 
+    def per_class_iou(self, pd: bool = False) -> "Any":
+        """DataFrame: one row per class, its IoU (%) under every head side by side (NaN where the
+        class has no union) — where a head gains or loses, class by class."""
+        import pandas as pd_
+
+        table = pd_.DataFrame({"class": self.class_names})
+        for head in self.metrics:
+            table[head] = self.per_class(head, pd=pd)["iou"].to_numpy()
+        return table
+
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"images": self.images, "pd_threshold": self.pd_threshold,
                                "class_names": self.class_names, "info": self.info, "results": {}}

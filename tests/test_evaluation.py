@@ -87,6 +87,11 @@ def test_evaluate_perfect_and_constant_heads():
     assert list(summary["model"]) == ["maskclip", "rectified", "reclip++"]
     table = rep.per_class("reclip++")
     assert list(table["class"]) == NAMES and np.isnan(table["iou"].iloc[2])
+    wide = rep.per_class_iou()
+    assert list(wide.columns) == ["class", "maskclip", "rectified", "reclip++"] and list(wide["class"]) == NAMES
+    assert wide["reclip++"].iloc[:2].tolist() == pytest.approx([100.0, 100.0])
+    # the constant head predicts class 0 everywhere: IoU(0) = its pixel share, IoU(1) = 0
+    assert wide["maskclip"].iloc[:2].tolist() == pytest.approx([100 * frac0, 0.0])
     assert "reclip++" in rep.format()
 
 
