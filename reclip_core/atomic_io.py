@@ -32,6 +32,8 @@ __all__ = [
     "atomic_save_figure",
     "atomic_save_safetensors",
     "atomic_torch_save",
+    "StaleFileError",
+    "move_aside",
 ]
 
 _WRITE_MODES = {"w", "wb", "wt", "w+", "wb+", "w+b", "wt+", "w+t"}
@@ -273,3 +275,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], **save_kwargs: Any
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh, **save_kwargs)
     return Path(path)
+
+
+class StaleFileError(ValueError):
+    """A derived file or folder (hypotheses, a training run) was made from other settings or other
+    CLIP weights, so it cannot be resumed or reused. ``path`` is what would have to go."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def move_aside(path: str | os.PathLike[str]) -> Path:
+    """Rename ``path`` (file or folder) to ``<name>.stale-<UTC time>`` beside it and return the new
+    path: a stale result is set aside for comparison, never deleted."""
+    import time
+
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.stale-{stamp}")
+    n = 1
+    while target.exists():  # two in the same second
+        target = path.with_name(f"{path.name}.stale-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    return target

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .atomic_io import atomic_write_json
+from .atomic_io import StaleFileError, atomic_write_json
 from .backbone import encode_image_cls
 from .transforms import ImageLike, clip_input_size, clip_preprocess, crop_windows, to_image_tensor, window_boxes
 
@@ -223,8 +223,8 @@ def compute_hypotheses(
         with open(out_path, encoding="utf-8") as f:
             old = json.load(f)
         if old.get("class_names") != names or old.get("settings") != settings:
-            raise ValueError(f"{out_path} holds hypotheses computed with other settings or classes "
-                             f"({old.get('settings')}); delete it, choose another path, or pass resume=False.")
+            raise StaleFileError(out_path, f"{out_path} holds hypotheses computed with other settings or classes "
+                                 f"({old.get('settings')}); delete it, choose another path, or pass resume=False.")
         done = {str(k): list(v) for k, v in old["hypotheses"].items()}
 
     def write():

@@ -9,12 +9,13 @@ import contextlib
 import io
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,11 @@ from torch import nn
 from .atomic_io import atomic_save_figure, atomic_write_files, atomic_write_json, atomic_write_text
 from .reproduce import RESULTS_DIR
 
-PROFILE_CONFIG = {"toy": "toy"}
+PROFILE_CONFIG = {"toy": "toy"}  # the paper profile uses the dataset's own config (voc.yaml, ...)
+T = TypeVar("T")
 # tqdm.auto warns on stderr when ipywidgets is absent; in a notebook checked by nbval that warning
 # would be compared like an output. Progress bars are off in the notebooks anyway.
-warnings.filterwarnings("ignore", message="IProgress not found")  # the paper profile uses the dataset's own config (voc.yaml, ...)
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 def seed_everything(seed: int) -> None:
@@ -50,6 +52,24 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def recompute_if_stale(compute: Callable[[], T]) -> T:
+    """Run ``compute``; if it stops on a file made from other settings or CLIP weights (e.g. after
+    ``make toy-clip`` or a config change), set that file aside and run it once more.
+
+    The notebooks' results folder is derived data, so recomputing is what a re-run should do; the
+    old file is renamed, not deleted. The CLI keeps refusing instead (its message says what to do).
+    """
+    from .atomic_io import StaleFileError, move_aside
+
+    try:
+        return compute()
+    except StaleFileError as err:
+        aside = move_aside(err.path)
+        print(f"[reclip] {err.path} was made with other settings or CLIP weights: moved to {aside.name}, "
+              "recomputing.", file=sys.stderr)
+        return compute()
 
 
 @dataclass
@@ -118,8 +138,9 @@ class Lab:
         from .hypothesis import hypotheses_from_config
 
         t0 = time.perf_counter()
-        hyps = hypotheses_from_config(self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json",
-                                      text=self.text, progress=progress)
+        hyps = recompute_if_stale(lambda: hypotheses_from_config(
+            self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json", text=self.text,
+            progress=progress))
         self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
         return hyps
 
@@ -130,8 +151,8 @@ class Lab:
         from .hypothesis import hypotheses_from_config
 
         split = self.cfg["val_split"]
-        hyps = hypotheses_from_config(self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json",
-                                      text=self.text, progress=False)
+        hyps = recompute_if_stale(lambda: hypotheses_from_config(
+            self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json", text=self.text, progress=False))
         return hypothesis_quality(hyps, self.val, len(self.class_names), max_images=self.cfg["max_val_images"])
 
     def gumbel_draw(self, model: nn.Module, examples: Mapping[str, Any]) -> List[np.ndarray]:
@@ -164,7 +185,8 @@ class Lab:
         t0 = time.perf_counter()
         # The per-epoch log goes to runs/<name>/loss.csv; keep notebook outputs to the results.
         with contextlib.redirect_stdout(io.StringIO()):
-            train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=self.run_dir(name), progress=progress)
+            recompute_if_stale(lambda: train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=self.run_dir(name),
+                                             progress=progress))
         self.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
         model = self.model(kind, **{k: v for k, v in overrides.items() if k != 'feature_cache_path'})
         load_model_weights(model, self.run_dir(name))
@@ -240,7 +262,7 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     return Lab(profile, dataset, resolve_device(device), seed, cfg, results)
 
 
-__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "markdown_table")
+__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "markdown_table", "recompute_if_stale")
 
 
 # ------------------------------------------------------------------------------------------------

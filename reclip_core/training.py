@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from .hypothesis import Head  # the 'first n items' view shared with the hypothesis pass
-from .atomic_io import atomic_save_safetensors, atomic_write_csv, atomic_write_json
+from .atomic_io import StaleFileError, atomic_save_safetensors, atomic_write_csv, atomic_write_json
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .transforms import TrainTransform, sample_seed, train_transform_from_config
 
@@ -392,8 +392,8 @@ def train(
     if latest is not None:
         ck = load_checkpoint(ckpt_dir)
         if ck.state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{ckpt_dir} holds a run with a different config; use another output_dir "
-                             "or pass resume=False (--no-resume) to start over.")
+            raise StaleFileError(run, f"{ckpt_dir} holds a run with a different config; use another output_dir "
+                                 "or pass resume=False (--no-resume) to start over.")
         model.load_trainable_state_dict({k: v.to(device) for k, v in ck.weights.items()})
         optimizer.load_state_dict(ck.optimizer)
         start_epoch, skip_batches, global_step = ck.state["epoch"], ck.state["step_in_epoch"], ck.state["step"]

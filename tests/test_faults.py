@@ -16,6 +16,7 @@ Cases (numbered as in README's "Reliability" section):
  8 unknown profile / dataset / key     17 untrusted pickle in torch.load
  9 class list != checkpoint's          18 invalid papermill parameter / profile
                                        19 notebook run dying mid-notebook
+                                       20 derived files from other settings or CLIP weights
 """
 from __future__ import annotations
 
@@ -791,3 +792,32 @@ def test_11_and_14_cli_reports_runtime_faults_without_a_traceback(monkeypatch, c
     monkeypatch.setattr(training, "train", lambda *a, **k: 1 / 0)  # anything else still raises
     with pytest.raises(ZeroDivisionError):
         main(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# 20 derived files from other settings or CLIP weights
+# ------------------------------------------------------------------------------------------------
+def test_notebook_lab_sets_a_stale_run_aside_and_retrains(tmp_path, tiny_clip, capsys):
+    # 20: after `make toy-clip` the notebooks' Lab sets the old run aside (kept) and retrains
+    import copy
+
+    from reclip_core.lab import recompute_if_stale
+    from reclip_core.training import train
+
+    run = tmp_path / "r"
+    train(tiny_config(run, epoch=1), dataset=ImageSet(8), hypotheses=hypotheses_for(8), clip=tiny_clip, progress=False)
+    old_weights = load_checkpoint(run).weights
+    other = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        other.visual.conv1.weight.mul_(1.01)
+    res = recompute_if_stale(lambda: train(tiny_config(run, epoch=1), dataset=ImageSet(8),
+                                           hypotheses=hypotheses_for(8), clip=other, progress=False))
+    assert res.steps == 2 and load_checkpoint(run).state["finished"] is True
+    (aside,) = tmp_path.glob("r.stale-*")  # the old run is kept beside, untouched
+    kept = load_checkpoint(aside).weights
+    assert kept.keys() == old_weights.keys() and all(torch.equal(kept[k], old_weights[k]) for k in kept)
+    assert "moved to r.stale-" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fewer than one global batch"):  # other errors are not caught
+        recompute_if_stale(lambda: train(tiny_config(tmp_path / "q", batch_size=16), dataset=ImageSet(8),
+                                         hypotheses=hypotheses_for(8), clip=tiny_clip, progress=False))
+

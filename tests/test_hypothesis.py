@@ -141,8 +141,18 @@ def test_resume_refuses_hypotheses_of_other_clip_weights(tmp_path, tiny_clip):
     other = copy.deepcopy(tiny_clip)
     with torch.no_grad():
         other.visual.proj.add_(0.01)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings") as err:
         compute_hypotheses(other, ImageSet(2), NAMES, out, templates=SINGLE, window=16, stride=8, progress=False)
+    assert err.value.path == out
+    # the notebooks' Lab sets the stale file aside and recomputes with the new weights
+    from reclip_core.lab import recompute_if_stale
+
+    before = out.read_text()
+    fresh = recompute_if_stale(lambda: compute_hypotheses(other, ImageSet(2), NAMES, out, templates=SINGLE,
+                                                          window=16, stride=8, progress=False))
+    assert len(fresh) == 2 and json.loads(out.read_text())["settings"] != json.loads(before)["settings"]
+    (aside,) = tmp_path.glob("h.json.stale-*")
+    assert aside.read_text() == before
 
 
 def test_order_of_the_dataset_does_not_matter(tmp_path, tiny_clip):

@@ -200,9 +200,10 @@ def test_refuses_to_resume_with_other_clip_weights(tmp_path, tiny_clip):
     other = copy.deepcopy(tiny_clip)
     with torch.no_grad():
         other.visual.conv1.weight.mul_(1.01)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="different config") as err:
         train(tiny_config(tmp_path / "r", epoch=2), dataset=ImageSet(8), hypotheses=hypotheses_for(8),
               clip=other, progress=False)
+    assert err.value.path == tmp_path / "r"  # a StaleFileError naming the run folder
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_clip, monkeypatch):
