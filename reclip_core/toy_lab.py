@@ -159,7 +159,7 @@ def evaluate_maskclip(clip, preset: Mapping, root=None, n_val: int | None = None
         "n_val": n,
         "miou": float(seg.miou()),
         "miou_release": float(seg.miou_release()),
-        "pixel_accuracy": float(np.trace(seg.confusion) / max(seg.confusion.sum(), 1) * 100),
+        "pixel_accuracy": seg.pixel_accuracy(),
         "chance_miou": expected_chance_miou(table["gt_pixels"].values),
         "oracle_miou": float(oracle.miou()),
         "top2_miou": float(top2.miou()),
