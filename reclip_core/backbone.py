@@ -136,8 +136,7 @@ def _toy_weights_dir(pretrained: str) -> Optional[Path]:
     if not path.exists():
         raise FileNotFoundError(
             f"Toy CLIP weights {path} not found. Use pretrained='biased', 'uniform' or 'biased_seed1' "
-            f"(committed), "
-            f"or rebuild them with `make toy-clip`."
+            "(committed), or rebuild them with `make toy-clip`."
         )
     return path
 

@@ -248,7 +248,7 @@ def _check_constraints(c: Dict[str, Any]) -> None:
     if c["lr"] <= 0:
         raise ValueError(f"lr must be > 0, got {c['lr']}.")
     for k in ("hypothesis_window", "hypothesis_stride", "max_train_images", "max_val_images", "hypothesis_input_size",
-              "num_threads"):
+              "num_threads", "gumbel_scale"):
         if c[k] is not None and c[k] <= 0:
             raise ValueError(f"config key {k!r} must be > 0 or null, got {c[k]}.")
     if c["num_workers"] < 0 or c["checkpoint_every"] < 0 or c["hypothesis_topk"] < 1:

@@ -228,9 +228,7 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
         model = MaskCLIP(clip, names, **common)
     else:
         raise ValueError(f"unknown model kind {kind!r}; use 'reclip++', 'reclip' or 'maskclip'.")
-    if cfg["gumbel_scale"] is not None and kind != "maskclip":
-        if not cfg["gumbel_scale"] > 0:
-            raise ValueError(f"gumbel_scale must be > 0, got {cfg['gumbel_scale']}; leave it null for the method's constant.")
+    if cfg["gumbel_scale"] is not None and kind != "maskclip":  # > 0, checked with the config
         model.gumbel_scale = float(cfg["gumbel_scale"])  # an instance attribute shadows the class constant
     return model.to(dev)
 
