@@ -283,14 +283,20 @@ def encode_image_cls(
     """CLIP's image embedding (class-token path) through the same tokens as ``dense_features``.
 
     At the pretraining resolution and with default options it equals ``clip.encode_image``.
-    Used for image-level hypotheses (method.md §3).
+    Used for image-level hypotheses (method.md §3). A CLIP built with open_clip's
+    ``pool_type="avg"`` (the toy CLIP) embeds an image as the mean of its projected patch
+    tokens, so that is what this returns for it.
     """
     x, _ = visual_tokens(clip, images, cls_token)
     x = _blocks_before_last(clip, x, ln_eps)
     last = clip.visual.transformer.resblocks[-1]
     _check_block(last)
     x = _block(last, x, ln_eps)
-    emb = _project(clip, x[:, 0])
+    if getattr(clip.visual, "pool_type", "tok") == "avg":
+        # ln_post is per token and the projection linear: mean after them = open_clip's pooling
+        emb = _project(clip, x[:, 1:]).mean(1)
+    else:
+        emb = _project(clip, x[:, 0])
     return F.normalize(emb, dim=-1) if normalize else emb
 
 

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,25 @@ def test_class_token_path_equals_encode_image(vit_b16):
     with torch.no_grad():
         ours = encode_image_cls(vit_b16, images, normalize=False)
         theirs = vit_b16.encode_image(images)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+def test_image_embedding_follows_the_clip_pooling(tmp_path, pool_type):
+    """open_clip's ``pool_type="avg"`` (the toy CLIP's) embeds the mean of the patch tokens, not
+    the class token: the hypotheses' image path must give what ``encode_image`` gives."""
+    import json
+
+    cfg = json.loads((Path(__file__).parent / "fixtures" / "tiny_clip.json").read_text())
+    cfg["vision_cfg"]["pool_type"] = pool_type
+    path = tmp_path / "tiny_clip_pool.json"
+    path.write_text(json.dumps(cfg))
+    torch.manual_seed(5)
+    clip = reclip_core.load_clip(str(path), pretrained=None, device="cpu")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = encode_image_cls(clip, images, normalize=False)
+        theirs = clip.encode_image(images)
     assert (ours - theirs).abs().max() < 1e-4
 
 
