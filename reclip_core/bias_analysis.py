@@ -29,6 +29,8 @@ from .metrics import check_class_count, check_label_maps, _to_numpy
 
 __all__ = [
     "BiasAccumulator",
+    "RegionReadout",
+    "RegionReadoutAccumulator",
     "ClassBias",
     "SpaceBias",
     "class_bias",
@@ -250,3 +252,90 @@ def space_bias(
     acc = BiasAccumulator(num_classes, grid=grid, ignore_index=ignore_index)
     acc.update(pred, target)
     return acc.space_bias(divergence)
+
+
+# ---------------------------------------------------------------------------------------------
+# Region readout: what the training loss can see
+# ---------------------------------------------------------------------------------------------
+class RegionReadout(NamedTuple):
+    """Per class: how often a true region's *pooled* dense feature, and its patches one by one,
+    are classified as the region's class (fractions 0-1; NaN for a class with no region)."""
+
+    table: pd.DataFrame  # class, regions, region_accuracy, patches, patch_accuracy, read_as
+    region_accuracy: float  # mean over classes that have regions
+    patch_accuracy: float  # mean over classes that have patches
+
+
+class RegionReadoutAccumulator:
+    """Streaming check of the training signal ReCLIP++'s loss has (evaluation code: reads labels).
+
+    The loss (method.md §3) scores ``mean(feat · m_k)`` against the class texts, so it can only
+    teach a region what the region's pooled dense feature says. For every ground-truth region
+    (one class in one image) this pools ``feat`` over the region, each token weighted by the share
+    of its cell the class covers, and classifies the result against ``text``; the same is done for
+    each token more than half covered by the class. Pooled accuracy well above the per-patch one
+    means pooling fixes noisy patches (room for the method); equal ones mean the loss sees what
+    MaskCLIP's argmax sees.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        check_class_count(num_classes, ignore_index)
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        C = self.num_classes
+        self.region_confusion = np.zeros((C, C), dtype=np.int64)  # true class x pooled reading
+        self.patch_total = np.zeros(C, dtype=np.int64)
+        self.patch_correct = np.zeros(C, dtype=np.int64)
+
+    def update(self, feat: Any, text: Any, target: Any) -> None:
+        """``feat`` [B, D, h, w] dense features, ``text`` [C, D], ``target`` [B, H, W] labels."""
+        import torch
+        import torch.nn.functional as F
+
+        feat = torch.as_tensor(feat).float()
+        text = torch.as_tensor(text).float()
+        t_np = _to_numpy(target, "target")
+        if feat.ndim != 4 or text.ndim != 2 or text.shape != (self.num_classes, feat.shape[1]):
+            raise ValueError(
+                f"need feat [B, D, h, w] and text [C={self.num_classes}, D]; got "
+                f"{tuple(feat.shape)} and {tuple(text.shape)}."
+            )
+        if t_np.ndim != 3 or t_np.shape[0] != feat.shape[0]:
+            raise ValueError(f"target must be label maps [B={feat.shape[0]}, H, W]; got {t_np.shape}.")
+        check_label_maps(np.zeros_like(t_np), t_np, self.num_classes, self.ignore_index)  # target check
+        C = self.num_classes
+        label = torch.from_numpy(t_np.astype(np.int64))
+        label[label == self.ignore_index] = C  # an extra channel, dropped below
+        onehot = torch.zeros(label.shape[0], C + 1, *label.shape[-2:])
+        onehot.scatter_(1, label[:, None], 1.0)
+        # share of each token's cell covered by each class (ignored pixels count as nobody's)
+        cover = F.interpolate(onehot[:, :C], size=feat.shape[-2:], mode="area")  # [B, C, h, w]
+        mass = cover.sum((2, 3))  # [B, C]
+        pooled = torch.einsum("bchw,bdhw->bcd", cover, feat) / mass.clamp_min(1e-12)[..., None]
+        reading = (pooled @ text.T).argmax(-1)  # [B, C]
+        b_idx, k_idx = torch.nonzero(mass > 0, as_tuple=True)
+        np.add.at(self.region_confusion, (k_idx.numpy(), reading[b_idx, k_idx].numpy()), 1)
+        patch_pred = torch.einsum("bdhw,cd->bchw", feat, text).argmax(1)  # [B, h, w]
+        for k in range(C):
+            sel = cover[:, k] > 0.5
+            self.patch_total[k] += int(sel.sum())
+            self.patch_correct[k] += int((patch_pred[sel] == k).sum())
+
+    def result(self, class_names: Sequence[str] | None = None) -> RegionReadout:
+        """Per-class table and the two class-mean accuracies."""
+        C = self.num_classes
+        names = list(class_names) if class_names is not None else [str(k) for k in range(C)]
+        if len(names) != C:
+            raise ValueError(f"{len(names)} class names for {C} classes.")
+        regions = self.region_confusion.sum(1)
+        if regions.sum() == 0:
+            raise ValueError("RegionReadoutAccumulator has no regions yet: call update() first.")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            region_acc = np.diag(self.region_confusion) / regions
+            patch_acc = self.patch_correct / self.patch_total
+        read_as = [names[int(np.argmax(row))] if row.sum() else "" for row in self.region_confusion]
+        table = pd.DataFrame({"class": names, "regions": regions, "region_accuracy": region_acc,
+                              "patches": self.patch_total, "patch_accuracy": patch_acc,
+                              "read_as": read_as})
+        return RegionReadout(table, float(np.nanmean(region_acc)),
+                             float(np.nanmean(patch_acc)) if self.patch_total.any() else float("nan"))

@@ -9,6 +9,7 @@ import torch
 
 from reclip_core.bias_analysis import (
     BiasAccumulator,
+    RegionReadoutAccumulator,
     class_bias,
     jensen_shannon,
     space_bias,
@@ -220,3 +221,77 @@ def test_bad_settings_raise():
         space_bias(np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64), 2, divergence="kl")
     with pytest.raises(ValueError, match="grid must be a positive int"):
         BiasAccumulator(2, grid=0)
+
+
+# ---------------------------------------------------------------------------- region readout
+def _region_world():
+    """Two 4x4 label maps, 2x2 token grids (one token per 2x2 cell), texts = the unit vectors."""
+    e = torch.eye(3)
+    text = e
+    label = np.full((2, 4, 4), IGN, dtype=np.int64)
+    feat = torch.zeros(2, 3, 2, 2)
+    # image 0: class 0 fills the top-left cell (read right), class 1 the top-right (read as 2)
+    label[0, :2, :2] = 0
+    label[0, :2, 2:] = 1
+    feat[0, :, 0, 0] = e[0]
+    feat[0, :, 0, 1] = e[2]
+    feat[0, :, 1, 0] = e[1]  # an ignored cell: must not count for anybody
+    # image 1: class 2 fills everything; one token reads class 0, the three others class 2 weakly
+    label[1] = 2
+    feat[1, :, 0, 0] = e[0]
+    for i, j in ((0, 1), (1, 0), (1, 1)):
+        feat[1, :, i, j] = 0.6 * e[2] + 0.4 * e[0]
+    return feat, text, label
+
+
+def test_region_readout_pools_regions_and_reads_patches():
+    feat, text, label = _region_world()
+    acc = RegionReadoutAccumulator(3)
+    acc.update(feat, text, label)
+    res = acc.result(["a", "b", "c"])
+    t = res.table.set_index("class")
+    assert t["regions"].tolist() == [1, 1, 1]
+    # pooled: a -> a; b -> c (its only token reads c); c's pooled feature
+    # (e0 + 3 * (0.6 e2 + 0.4 e0)) / 4 = 0.55 e0 + 0.45 e2 -> read as a, though 3 of its 4 patches
+    # read c: the pooled reading is not a vote of the patches
+    assert t["region_accuracy"].tolist() == [1.0, 0.0, 0.0]
+    assert t.loc["b", "read_as"] == "c" and t.loc["c", "read_as"] == "a"
+    # patches: a 1/1, b 0/1, c 3/4 (three tokens lean to c)
+    assert t["patches"].tolist() == [1, 1, 4]
+    assert t["patch_accuracy"].tolist() == [1.0, 0.0, 0.75]
+    assert res.region_accuracy == pytest.approx(1 / 3)
+    assert res.patch_accuracy == pytest.approx((1 + 0 + 0.75) / 3)
+
+
+def test_region_readout_weights_tokens_by_coverage():
+    """A token half covered by the class counts half in the pooled feature, and is no patch of it."""
+    e = torch.eye(2)
+    label = np.full((1, 2, 4), IGN, dtype=np.int64)
+    label[0, :, :2] = 0      # token 0 fully class 0
+    label[0, 0, 2:] = 0      # token 1 half class 0 (the rest ignored)
+    feat = torch.zeros(1, 2, 1, 2)
+    feat[0, :, 0, 0] = 0.8 * e[0] + 0.2 * e[1]
+    feat[0, :, 0, 1] = e[1]
+    acc = RegionReadoutAccumulator(2)
+    acc.update(feat, e, label)
+    t = acc.result().table
+    # weights 1 and 0.5: pooled = (0.8 e0 + 0.2 e1 + 0.5 e1) / 1.5 -> class 0 (equal weights
+    # would give 0.8 e0 + 1.2 e1 -> class 1)
+    assert t["region_accuracy"].tolist()[0] == 1.0
+    assert t["patches"].tolist() == [1, 0]  # the half-covered token is not a patch of class 0
+    assert t["patch_accuracy"].tolist()[0] == 1.0
+
+
+def test_region_readout_refuses_bad_input():
+    acc = RegionReadoutAccumulator(3)
+    with pytest.raises(ValueError, match="no regions"):
+        acc.result()
+    feat, text, label = _region_world()
+    with pytest.raises(ValueError, match="text"):
+        acc.update(feat, text[:2], label)
+    with pytest.raises(ValueError, match="target"):
+        acc.update(feat, text, label[0])
+    bad = label.copy()
+    bad[0, 0, 0] = 7
+    with pytest.raises(ValueError):
+        acc.update(feat, text, bad)
