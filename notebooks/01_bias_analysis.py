@@ -101,7 +101,10 @@ lab.save_figure(plots.plot_segmentations(ex["images"], {"truth": ex["labels"], "
 # evaluated with MaskCLIP on the same validation images, beside a second pretraining seed of the
 # biased recipe (how much of a difference is only the seed?). `follow_position` is, for a look-alike
 # pair, the share of the pair's pixels labelled with the class whose pretraining region contains
-# the pixel (0.5: position plays no role). This writes the lab report `results/toy/bias_lab.md`.
+# the pixel (0.5: position plays no role). `objects read pooled %` classifies each val object by its
+# dense features averaged over its own pixels, `patches read %` its patches one by one: ReCLIP++'s
+# loss sees only pooled features, so when the two are close it has no more to teach than MaskCLIP's
+# argmax already knows (notebook 04). This writes the lab report `results/toy/bias_lab.md`.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -111,6 +114,7 @@ if lab.profile == "toy":
 
     rows = [{"pretraining": name, "MaskCLIP mIoU": r["miou"], "chance mIoU": r["chance_miou"],
              "oracle mIoU": r["oracle_miou"], "class TVD": r["class_bias_tvd"], "space TVD": r["space_bias_tvd"],
+             "objects read pooled %": 100 * r["region_readout"], "patches read %": 100 * r["patch_readout"],
              **{f"follow_position {p['pair']}": p["follow_position"] for p in r["pairs"]}}
             for name, r in bias_lab.items()]
     print(lab.save_table(pd.DataFrame(rows), "01_biased_vs_uniform", floatfmt=".2f").to_string(index=False))
