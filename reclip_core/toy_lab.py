@@ -218,6 +218,16 @@ def _figure(results: dict, names: Sequence[str]):
     return fig
 
 
+def _per_class_table(results: dict, names: Sequence[str], cell) -> list[str]:
+    """Markdown rows: one per class, one column per model, ``cell(row of its classes table)``."""
+    labels = list(results)
+    rows = ["| class | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for k, name in enumerate(names):
+        rows.append(f"| {name} | " + " | ".join(cell(results[lab]["classes"].iloc[k])
+                                                for lab in labels) + " |")
+    return rows
+
+
 def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
     labels = list(results)
     L = []
@@ -278,23 +288,10 @@ def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
              "region holds the pixel (0.5: position plays no role; 1: position decides); *pair "
              "accuracy* = share given the right class (0.5 = chance).\n")
     L.append("### Per class: predicted / true pixel share (IoU %)\n")
-    L.append("| class | " + " | ".join(labels) + " |")
-    L.append("|---|" + "---|" * len(labels))
-    for k, name in enumerate(names):
-        cells = []
-        for lab in labels:
-            row = results[lab]["classes"].iloc[k]
-            cells.append(f"{row['ratio']:.2f} ({_fmt(row['iou'])})")
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    L += _per_class_table(results, names, lambda r: f"{r['ratio']:.2f} ({_fmt(r['iou'])})")
     L.append("\n### Per class: objects / patches read right (%)\n")
-    L.append("| class | " + " | ".join(labels) + " |")
-    L.append("|---|" + "---|" * len(labels))
-    for k, name in enumerate(names):
-        cells = []
-        for lab in labels:
-            row = results[lab]["classes"].iloc[k]
-            cells.append(f"{_fmt(100 * row['region_readout'])} / {_fmt(100 * row['patch_readout'])}")
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    L += _per_class_table(results, names, lambda r: f"{_fmt(100 * r['region_readout'])} / "
+                                                    f"{_fmt(100 * r['patch_readout'])}")
     L.append("\n## Provenance\n")
     for lab, prov in provenance["models"].items():
         m = prov["manifest"]
