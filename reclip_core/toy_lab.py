@@ -228,6 +228,14 @@ def _per_class_table(results: dict, names: Sequence[str], cell) -> list[str]:
     return rows
 
 
+def _per_model_table(results: dict, headers: Sequence[str], cells) -> list[str]:
+    """Markdown rows: one per model, its label then ``cells(its results)`` (a list of strings)."""
+    rows = ["| toy CLIP pretrained on | " + " | ".join(headers) + " |",
+            "|---|" + "---|" * len(headers)]
+    rows += [f"| {lab} | " + " | ".join(cells(r)) + " |" for lab, r in results.items()]
+    return rows
+
+
 def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
     labels = list(results)
     L = []
@@ -241,34 +249,28 @@ def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
              f"from the 85 CLIP prompt templates, argmax (no training). mIoU in %, mmseg "
              f"definition (classes with non-zero union), background ignored.\n")
     L.append("## Segmentation\n")
-    L.append("| toy CLIP pretrained on | MaskCLIP mIoU | release mIoU | pixel acc. | chance | "
-             "top-2 image classes (label-free) | oracle image classes | image-level top-1 |")
-    L.append("|---|---|---|---|---|---|---|---|")
-    for lab in labels:
-        r = results[lab]
-        L.append(f"| {lab} | {_fmt(r['miou'])} | {_fmt(r['miou_release'])} | "
-                 f"{_fmt(r['pixel_accuracy'])} | {_fmt(r['chance_miou'])} | {_fmt(r['top2_miou'])} | "
-                 f"{_fmt(r['oracle_miou'])} | {_fmt(100 * r['zeroshot_top1'])} % |")
+    L += _per_model_table(
+        results, ["MaskCLIP mIoU", "release mIoU", "pixel acc.", "chance",
+                  "top-2 image classes (label-free)", "oracle image classes", "image-level top-1"],
+        lambda r: [_fmt(r[k]) for k in ("miou", "miou_release", "pixel_accuracy", "chance_miou",
+                                        "top2_miou", "oracle_miou")]
+        + [f"{_fmt(100 * r['zeroshot_top1'])} %"])
     L.append("\n*chance*: expected mIoU of uniformly random per-pixel classes. *oracle*: MaskCLIP "
              "logits restricted to each image's true classes. *top-2*: restricted to the two best "
              "classes of the class-token image embedding. *image-level top-1*: the class-token "
              "top-1 class is in the image.\n")
     L.append("## Biases\n")
-    L.append("| toy CLIP pretrained on | class bias: TVD of predicted vs true pixel shares | "
-             "space bias: mean per-cell TVD (4×4 grid) |")
-    L.append("|---|---|---|")
-    for lab in labels:
-        r = results[lab]
-        L.append(f"| {lab} | {r['class_bias_tvd']:.3f} | {r['space_bias_tvd']:.3f} |")
+    L += _per_model_table(
+        results, ["class bias: TVD of predicted vs true pixel shares",
+                  "space bias: mean per-cell TVD (4×4 grid)"],
+        lambda r: [f"{r['class_bias_tvd']:.3f}", f"{r['space_bias_tvd']:.3f}"])
     L.append("\n0 = unbiased, 1 = disjoint. A position-independent class bias also raises the "
              "per-cell TVD: compare the two columns, and see the pairs below.\n")
     L.append("## What the training loss can see\n")
-    L.append("| toy CLIP pretrained on | objects read right from their pooled dense features | "
-             "patches read right one by one |")
-    L.append("|---|---|---|")
-    for lab in labels:
-        r = results[lab]
-        L.append(f"| {lab} | {_fmt(100 * r['region_readout'])} % | {_fmt(100 * r['patch_readout'])} % |")
+    L += _per_model_table(
+        results, ["objects read right from their pooled dense features",
+                  "patches read right one by one"],
+        lambda r: [f"{_fmt(100 * r['region_readout'])} %", f"{_fmt(100 * r['patch_readout'])} %"])
     L.append("\nReCLIP++'s loss scores each hypothesis class's *pooled* dense feature against the class "
              "texts (method.md §3), so it can teach the decoder no more than what a region's pooled "
              "feature says. Left: each val object's dense features averaged over its own pixels, "
