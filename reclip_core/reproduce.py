@@ -147,16 +147,20 @@ def publish_executed_copy(notebook: Path, out_dir: Path) -> Path:
 def strip_run_metadata(path: Path) -> None:
     """Make an executed notebook fit to commit beside its py:percent twin: drop papermill's
     injected-parameters cell (the twin has no such cell, and jupytext refuses a pair whose cells
-    differ) and the per-run metadata (papermill timings, execution timestamps) that would make every
-    re-run a diff. Outputs and execution counts stay: nbval compares the outputs."""
+    differ), the empty tag lists papermill adds (jupytext compares metadata too) and the per-run
+    metadata (papermill timings, execution timestamps) that would make every re-run a diff.
+    Outputs and execution counts stay: nbval compares the outputs."""
     import nbformat
 
     nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
     nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     count = 0
     for cell in nb["cells"]:
+        meta = cell.get("metadata", {})
         for key in ("papermill", "execution"):
-            cell.get("metadata", {}).pop(key, None)
+            meta.pop(key, None)
+        if meta.get("tags") == []:  # papermill adds `tags: []` to every cell; the twin has none
+            meta.pop("tags")
         if cell.get("cell_type") == "code":
             # papermill numbers cells including the dropped one; renumber so the counts read 1, 2, ...
             count += 1

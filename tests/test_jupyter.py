@@ -73,16 +73,23 @@ def _execute(ws, code: str, timeout: float = 600) -> dict:
                         "parent_header": {}, "metadata": {}, "channel": "shell",
                         "content": {"code": code, "silent": False, "store_history": False,
                                     "user_expressions": {}, "allow_stdin": False}}))
-    deadline, outputs = time.time() + timeout, []
-    while time.time() < deadline:
+    # The reply comes on the shell channel and the printed text on iopub; the protocol orders
+    # neither against the other, so wait for both the reply and iopub's "idle" (which follows
+    # every output of the request) before reading stdout.
+    deadline, outputs, reply, idle = time.time() + timeout, [], None, False
+    while time.time() < deadline and (reply is None or not idle):
         msg = json.loads(ws.recv())
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
         if msg["msg_type"] == "stream":
             outputs.append(msg["content"]["text"])
-        if msg["msg_type"] == "execute_reply":
-            return {"status": msg["content"]["status"], "content": msg["content"], "stdout": "".join(outputs)}
-    raise TimeoutError(code[:80])
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle = True
+        elif msg["msg_type"] == "execute_reply":
+            reply = msg["content"]
+    if reply is None or not idle:
+        raise TimeoutError(code[:80])
+    return {"status": reply["status"], "content": reply, "stdout": "".join(outputs)}
 
 
 def test_server_lists_notebooks_and_runs_one_through_its_kernel(jupyter_server, tmp_path):
