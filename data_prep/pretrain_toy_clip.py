@@ -13,6 +13,11 @@ metrics measured at the end (image-level zero-shot accuracy; MaskCLIP dense mIoU
 
     python -m data_prep.pretrain_toy_clip --preset biased          # `make toy-clip`
     python -m data_prep.pretrain_toy_clip --preset uniform
+
+Two extra losses for trials, off by default (the committed weights were pretrained without them;
+docs/training.md has what they gave): ``--dense-weight`` contrasts the image's mean MaskCLIP dense
+feature with its caption; ``--region-weight`` classifies one object's box-pooled dense feature
+against the class captions (region-caption pairs).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ import torch.nn.functional as F
 # on 2 free cores of the reference machine; the same pairs as 700 x 256 in float32 (~21 min there)
 # but twice the updates, which gave a better model (docs: results/toy/bias_lab.md provenance).
 DEFAULTS = dict(steps=1400, batch_size=128, lr=1e-3, warmup=100, weight_decay=0.1, seed=0,
-                threads=2, amp="bf16")
+                threads=2, amp="bf16", dense_weight=0.0,
+                region_weight=0.0)
 
 
 def decode_split(preset, split: str, root=None, limit: int | None = None):
@@ -87,6 +93,37 @@ def param_groups(model, weight_decay: float):
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def image_and_dense_features(model, x: torch.Tensor):
+    """One forward of the visual tower → (class-token image embedding [B, D], MaskCLIP dense
+    features [B, h*w, D], (h, w)), all L2-normalised, so the extra pretraining losses below cost
+    only the last block's value path."""
+    from reclip_core.backbone import _blocks_before_last, _block, _project, _value_path, visual_tokens
+
+    tokens, hw = visual_tokens(model, x)
+    tokens = _blocks_before_last(model, tokens, None)
+    last = model.visual.transformer.resblocks[-1]
+    image = _project(model, _block(last, tokens, None)[:, 0])
+    dense = F.normalize(_project(model, _value_path(last, tokens[:, 1:], None)), dim=-1)
+    return F.normalize(image, dim=-1), dense, hw
+
+
+def box_regions(masks_u8: torch.Tensor, hw, gen: torch.Generator):
+    """Region-caption pairs (``--region-weight``): one object drawn at random per image → (weights
+    [B, h*w] marking the patch cells of its bounding box, its class id [B]). Box-level captions of
+    the pretraining images (the kind RegionCLIP/GLIP pretrain on) make the toy CLIP's dense features
+    local, as a big CLIP's are from scale: without them a region's pooled dense features read it no
+    better than its single patches (docs/training.md)."""
+    B, H, W = masks_u8.shape
+    C = int(masks_u8.max())
+    present = torch.stack([(masks_u8 == c + 1).flatten(1).any(1) for c in range(C)], 1)
+    target = torch.rand(B, C, generator=gen).masked_fill(~present, -1.0).argmax(1)
+    obj = masks_u8 == (target + 1).to(masks_u8.dtype).view(B, 1, 1)
+    (h, w) = hw
+    rows = obj.any(2).view(B, h, H // h).any(2)  # patch rows the box spans
+    cols = obj.any(1).view(B, w, W // w).any(2)
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1).float(), target
 
 
 @torch.no_grad()
@@ -161,13 +198,15 @@ def train(args) -> dict:
     config = load_toy_config(args.config)
 
     t_load = time.time()
-    images, _, captions = decode_split(preset, "pretrain", root=args.data_root, limit=args.limit)
+    images, masks, captions = decode_split(preset, "pretrain", root=args.data_root, limit=args.limit)
     model = build_toy_clip(config)
     tokens = model.tokenizer(captions)
     unk = (tokens == model.tokenizer.unk_token_id).any(1).float().mean().item()
     print(f"pretrain: {len(images)} images, {len(set(captions))} distinct captions, "
           f"{unk:.1%} with <unk>, loaded in {time.time() - t_load:.0f}s", flush=True)
 
+    class_names = [c["name"] for c in preset["classes"]]
+    templates = preset["captions"]["templates"]
     model.train()
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.98), eps=1e-6)
@@ -189,9 +228,24 @@ def train(args) -> dict:
         # bf16 autocast (--amp bf16) runs the matmuls in bfloat16 where the CPU has native support
         # (AVX512-BF16/AMX); weights, optimizer state and the loss stay float32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            img_f = model.encode_image(to_input(images[idx]), normalize=True)
+            if args.dense_weight or args.region_weight:
+                img_f, dense, hw = image_and_dense_features(model, to_input(images[idx]))
+            else:
+                img_f = model.encode_image(to_input(images[idx]), normalize=True)
             txt_f = model.encode_text(tokens[idx], normalize=True)
-        loss = loss_fn(img_f.float(), txt_f.float(), model.logit_scale.exp())
+            if args.region_weight:
+                template = templates[int(torch.randint(len(templates), (1,), generator=gen))]
+                class_f = model.encode_text(model.tokenizer([template.format(c) for c in class_names]),
+                                            normalize=True)
+        scale = model.logit_scale.exp()
+        loss = loss_fn(img_f.float(), txt_f.float(), scale)
+        if args.dense_weight:  # the whole image's mean dense feature against its caption
+            loss = loss + args.dense_weight * loss_fn(F.normalize(dense.float().mean(1), dim=-1),
+                                                      txt_f.float(), scale)
+        if args.region_weight:  # one object's box-pooled dense feature against the class captions
+            weight, target = box_regions(masks[idx], hw, gen)
+            pooled = F.normalize((dense.float() * weight.unsqueeze(-1)).sum(1), dim=-1)
+            loss = loss + args.region_weight * F.cross_entropy(scale * pooled @ class_f.float().T, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,6 +291,8 @@ def train(args) -> dict:
                       "weight_decay": args.weight_decay, "warmup_steps": args.warmup,
                       "schedule": "linear warm-up, cosine to 0"},
         "loss": "open_clip.loss.ClipLoss",
+        "dense_weight": args.dense_weight,
+        "region_weight": args.region_weight,
         "threads": args.threads,
         "amp": args.amp,
         "wall_time_s": round(wall, 1),
@@ -265,6 +321,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=DEFAULTS["threads"])
     ap.add_argument("--amp", choices=["none", "bf16"], default=DEFAULTS["amp"],
                     help="bf16 autocast for the forward (faster on CPUs with native bfloat16)")
+    ap.add_argument("--dense-weight", type=float, default=DEFAULTS["dense_weight"],
+                    help="weight of a second contrastive loss on the mean MaskCLIP dense feature")
+    ap.add_argument("--region-weight", type=float, default=DEFAULTS["region_weight"],
+                    help="weight of the region-caption loss on box-pooled MaskCLIP dense features")
     ap.add_argument("--out", default=None, help="output folder (default reclip_core/pretrained/"
                     "toy_clip[_<preset>])")
     ap.add_argument("--config", default=None, help="model config JSON (default "

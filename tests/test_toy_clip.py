@@ -245,3 +245,36 @@ def test_chance_miou_and_lookalike_pairs():
     c.update(np.zeros((1, 8, 8), int), label)                    # always right
     r = c.results(names)[0]
     assert r["follow_position"] == 0.5 and r["pair_accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------- pretraining losses
+def test_pretraining_forward_gives_the_image_embedding_and_the_dense_features():
+    from data_prep.pretrain_toy_clip import image_and_dense_features
+    from reclip_core.backbone import dense_features
+
+    m = load_toy_clip()
+    x = torch.randn(3, 3, 64, 64)
+    image, dense, hw = image_and_dense_features(m, x)
+    assert hw == (8, 8)
+    assert torch.allclose(image, torch.nn.functional.normalize(m.encode_image(x), dim=-1), atol=1e-5)
+    feat, _ = dense_features(m, x)
+    assert torch.allclose(dense, feat.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_box_regions_cover_the_patch_cells_of_one_present_object():
+    from data_prep.pretrain_toy_clip import box_regions
+
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 10:20, 30:33] = 3   # class 2: rows 10-19 -> patch rows 1-2; cols 30-32 -> patch cols 3-4
+    masks[1, 40:48, 0:8] = 1     # class 0, alone in its image: exactly patch (5, 0)
+    gen = torch.Generator().manual_seed(0)
+    weight, target = box_regions(masks, (8, 8), gen)
+    assert target.tolist() == [2, 0]
+    w0 = weight[0].view(8, 8)
+    assert w0.sum() == 4 and w0[1:3, 3:5].all()
+    w1 = weight[1].view(8, 8)
+    assert w1.sum() == 1 and w1[5, 0] == 1
+    # with two objects in an image, both get drawn over seeds, and the box always follows the draw
+    masks[0, 50:60, 50:60] = 5
+    drawn = {int(box_regions(masks, (8, 8), torch.Generator().manual_seed(s))[1][0]) for s in range(20)}
+    assert drawn == {2, 4}
