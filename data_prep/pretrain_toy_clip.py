@@ -39,8 +39,7 @@ import torch.nn.functional as F
 # on 2 free cores of the reference machine; the same pairs as 700 x 256 in float32 (~21 min there)
 # but twice the updates, which gave a better model (docs: results/toy/bias_lab.md provenance).
 DEFAULTS = dict(steps=1400, batch_size=128, lr=1e-3, warmup=100, weight_decay=0.1, seed=0,
-                threads=2, amp="bf16", dense_weight=0.0,
-                region_weight=0.0)
+                threads=2, amp="bf16", dense_weight=0.0, region_weight=0.0)
 
 
 def decode_split(preset, split: str, root=None, limit: int | None = None):
