@@ -94,20 +94,6 @@ def param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def image_and_dense_features(model, x: torch.Tensor):
-    """One forward of the visual tower → (class-token image embedding [B, D], MaskCLIP dense
-    features [B, h*w, D], (h, w)), all L2-normalised, so the extra pretraining losses below cost
-    only the last block's value path."""
-    from reclip_core.backbone import _blocks_before_last, _block, _project, _value_path, visual_tokens
-
-    tokens, hw = visual_tokens(model, x)
-    tokens = _blocks_before_last(model, tokens, None)
-    last = model.visual.transformer.resblocks[-1]
-    image = _project(model, _block(last, tokens, None)[:, 0])
-    dense = F.normalize(_project(model, _value_path(last, tokens[:, 1:], None)), dim=-1)
-    return F.normalize(image, dim=-1), dense, hw
-
-
 def box_regions(masks_u8: torch.Tensor, hw, gen: torch.Generator):
     """Region-caption pairs (``--region-weight``): one object drawn at random per image → (weights
     [B, h*w] marking the patch cells of its bounding box, its class id [B]). Box-level captions of
@@ -185,6 +171,7 @@ def train(args) -> dict:
     from tqdm import tqdm
 
     from reclip_core.atomic_io import atomic_save_safetensors, atomic_write_json
+    from reclip_core.backbone import image_and_dense_features
     from reclip_core.datasets.toyworld import GENERATOR_VERSION, load_preset, preset_hash
     from reclip_core.toy_clip import (CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, build_toy_clip,
                                       load_toy_config, sha256_file, toy_clip_dir)
@@ -227,7 +214,7 @@ def train(args) -> dict:
         # bf16 autocast (--amp bf16) runs the matmuls in bfloat16 where the CPU has native support
         # (AVX512-BF16/AMX); weights, optimizer state and the loss stay float32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            if args.dense_weight or args.region_weight:
+            if args.dense_weight or args.region_weight:  # one forward gives both
                 img_f, dense, hw = image_and_dense_features(model, to_input(images[idx]))
             else:
                 img_f = model.encode_image(to_input(images[idx]), normalize=True)

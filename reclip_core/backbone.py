@@ -273,6 +273,44 @@ def _project(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return tokens @ visual.proj if visual.proj is not None else tokens
 
 
+def _tokens_before_last(clip: nn.Module, images: torch.Tensor, ln_eps: Optional[float], cls_token):
+    """Tokens entering the last block, the token grid and that block (shared by the image
+    embedding and the dense features, so one forward can give both)."""
+    x, hw = visual_tokens(clip, images, cls_token)
+    x = _blocks_before_last(clip, x, ln_eps)
+    last = clip.visual.transformer.resblocks[-1]
+    _check_block(last)
+    return x, hw, last
+
+
+def _pooled_embedding(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The image embedding from the last block's output, following open_clip's ``pool_type``."""
+    if getattr(clip.visual, "pool_type", "tok") == "avg":
+        # ln_post is per token and the projection linear: mean after them = open_clip's pooling
+        return _project(clip, x[:, 1:]).mean(1)
+    return _project(clip, x[:, 0])
+
+
+def _dense_tokens(clip: nn.Module, last: nn.Module, x: torch.Tensor, ln_eps: Optional[float]) -> torch.Tensor:
+    """MaskCLIP dense features [B, h*w, D], L2-normalised, from the tokens entering the last block."""
+    d = _value_path(last, x[:, 1:], ln_eps)  # the class token does not influence patches here
+    return F.normalize(_project(clip, d), dim=-1)
+
+
+def image_and_dense_features(
+    clip: nn.Module,
+    images: torch.Tensor,
+    ln_eps: Optional[float] = None,
+    cls_token: Union[None, str, os.PathLike, torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
+    """``encode_image_cls`` (normalised) and ``dense_features`` (as [B, h*w, D]) from one forward
+    of the blocks before the last → (image [B, D], dense [B, h*w, D], (h, w)). Used by the toy
+    CLIP's pretraining losses on dense features."""
+    x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
+    image = F.normalize(_pooled_embedding(clip, _block(last, x, ln_eps)), dim=-1)
+    return image, _dense_tokens(clip, last, x, ln_eps), hw
+
+
 def encode_image_cls(
     clip: nn.Module,
     images: torch.Tensor,
@@ -287,16 +325,8 @@ def encode_image_cls(
     ``pool_type="avg"`` (the toy CLIP) embeds an image as the mean of its projected patch
     tokens, so that is what this returns for it.
     """
-    x, _ = visual_tokens(clip, images, cls_token)
-    x = _blocks_before_last(clip, x, ln_eps)
-    last = clip.visual.transformer.resblocks[-1]
-    _check_block(last)
-    x = _block(last, x, ln_eps)
-    if getattr(clip.visual, "pool_type", "tok") == "avg":
-        # ln_post is per token and the projection linear: mean after them = open_clip's pooling
-        emb = _project(clip, x[:, 1:]).mean(1)
-    else:
-        emb = _project(clip, x[:, 0])
+    x, _, last = _tokens_before_last(clip, images, ln_eps, cls_token)
+    emb = _pooled_embedding(clip, _block(last, x, ln_eps))
     return F.normalize(emb, dim=-1) if normalize else emb
 
 
@@ -313,12 +343,8 @@ def dense_features(
     projection (method.md §1). ``ln_eps`` overrides the blocks' LayerNorm eps (the release uses
     1e-6); ``cls_token`` replaces the class embedding (a tensor or a path to one).
     """
-    x, hw = visual_tokens(clip, images, cls_token)
-    x = _blocks_before_last(clip, x, ln_eps)
-    last = clip.visual.transformer.resblocks[-1]
-    _check_block(last)
-    d = _value_path(last, x[:, 1:], ln_eps)  # the class token does not influence patches here
-    feat = F.normalize(_project(clip, d), dim=-1)  # [B, h*w, D]
+    x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
+    feat = _dense_tokens(clip, last, x, ln_eps)  # [B, h*w, D]
     B = feat.shape[0]
     return feat.transpose(1, 2).reshape(B, -1, hw[0], hw[1]), hw
 
@@ -342,6 +368,7 @@ def visual_width(clip: nn.Module) -> int:
 
 __all__: Sequence[str] = (
     "CLIP_MEAN", "CLIP_STD", "load_clip", "resolve_device", "dense_features", "encode_image_cls",
+    "image_and_dense_features",
     "visual_tokens", "resize_patch_pos_embed", "normalize_images", "check_images", "output_dim",
     "visual_width", "default_cache_dir",
 )

@@ -249,8 +249,7 @@ def test_chance_miou_and_lookalike_pairs():
 
 # ---------------------------------------------------------------------------- pretraining losses
 def test_pretraining_forward_gives_the_image_embedding_and_the_dense_features():
-    from data_prep.pretrain_toy_clip import image_and_dense_features
-    from reclip_core.backbone import dense_features
+    from reclip_core.backbone import dense_features, image_and_dense_features
 
     m = load_toy_clip()
     x = torch.randn(3, 3, 64, 64)
