@@ -356,6 +356,14 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def logit_scale(clip: nn.Module) -> float:
+    """The CLIP's learned temperature exp(logit_scale): image–text scores are ``logit_scale · cos``
+    (≈ 100 for OpenAI's CLIP, whose training clamped it at 100; the toy CLIP learned its own)."""
+    if not hasattr(clip, "logit_scale"):
+        raise ValueError(f"{type(clip).__name__} has no logit_scale: use a number for score_scale instead of 'clip'.")
+    return float(clip.logit_scale.detach().float().exp())
+
+
 def output_dim(clip: nn.Module) -> int:
     """Width of the joint image–text space (512 for ViT-B/16)."""
     proj = clip.visual.proj

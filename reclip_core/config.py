@@ -81,6 +81,9 @@ SCHEMA: Dict[str, Key] = {
     "bias_mode": _k(str, "both", "ReCLIP++ bias ablation", choices=BIAS_MODES),
     "gumbel_scale": _k(float, None, "scale of the logits inside the loss's Gumbel-Softmax (None: the method's "
                        "constant, 100 for ReCLIP++ and 1000 for ReCLIP; other values are ablations)", optional=True),
+    "score_scale": _k((float, str), None, "scale s of the loss's class scores s · pooled_k · textᵀ (None: the method's "
+                      "100, OpenAI CLIP's logit scale; 'clip': this CLIP's own logit scale exp(logit_scale), "
+                      "≈ 100 for OpenAI's; a number: an ablation)", optional=True),
     "templates": _k((str, list), "all", "'all' (85 templates), 'single' ('a photo of a {}.') or a list"),
     "hypothesis_mode": _k(str, "window", "ReCLIP++ window vote or ReCLIP threshold/top-K", choices=HYPOTHESIS_MODES),
     "hypothesis_threshold": _k(float, 23.0, "ReCLIP: whole-image score (100*cos) threshold"),
@@ -251,6 +254,10 @@ def _check_constraints(c: Dict[str, Any]) -> None:
               "num_threads", "gumbel_scale"):
         if c[k] is not None and c[k] <= 0:
             raise ValueError(f"config key {k!r} must be > 0 or null, got {c[k]}.")
+    ss = c["score_scale"]
+    if isinstance(ss, str) and ss != "clip" or isinstance(ss, float) and ss <= 0:
+        raise ValueError(f"score_scale must be null (the method's 100), 'clip' (the CLIP's own logit scale) "
+                         f"or a number > 0, got {ss!r}.")
     if c["num_workers"] < 0 or c["checkpoint_every"] < 0 or c["hypothesis_topk"] < 1:
         raise ValueError("num_workers and checkpoint_every must be >= 0 and hypothesis_topk >= 1.")
     sr = c["scale_range"]

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -144,16 +144,33 @@ class Lab:
         self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
         return hyps
 
+    def val_hypotheses(self) -> Dict[str, List[int]]:
+        """Hypotheses of the validation images, computed label-free exactly like the training ones."""
+        from .hypothesis import hypotheses_from_config
+
+        split = self.cfg["val_split"]
+        return recompute_if_stale(lambda: hypotheses_from_config(
+            self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json", text=self.text, progress=False))
+
     def hypothesis_quality(self) -> Dict[str, Any]:
         """Precision/recall of the hypotheses of the *validation* split against its labels
         (evaluation code: the training split has no labels and training never reads one)."""
         from .evaluation import hypothesis_quality
-        from .hypothesis import hypotheses_from_config
 
-        split = self.cfg["val_split"]
-        hyps = recompute_if_stale(lambda: hypotheses_from_config(
-            self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json", text=self.text, progress=False))
-        return hypothesis_quality(hyps, self.val, len(self.class_names), max_images=self.cfg["max_val_images"])
+        return hypothesis_quality(self.val_hypotheses(), self.val, len(self.class_names),
+                                  max_images=self.cfg["max_val_images"])
+
+    def loss_preference(self, model: nn.Module, score_scales: Optional[Sequence[float]] = None) -> pd.DataFrame:
+        """``evaluation.loss_preference`` on the validation split with its label-free hypotheses, at the
+        method's score scale 100 and at the model's own (the config's ``score_scale``)."""
+        from .evaluation import loss_preference
+
+        scales = list(score_scales or dict.fromkeys([100.0, float(getattr(model, "score_scale", 100.0))]))
+        t0 = time.perf_counter()
+        table = loss_preference(model, self.val, self.val_hypotheses(), self.cfg["test_size"], scales,
+                                self.cfg["max_long_side"], max_images=self.cfg["max_val_images"])
+        self.timings["loss preference"] = round(time.perf_counter() - t0, 1)
+        return table
 
     def gumbel_draw(self, model: nn.Module, examples: Mapping[str, Any]) -> List[np.ndarray]:
         """One seeded draw of the loss's hard Gumbel masks for each example, as label maps at label size."""
@@ -282,10 +299,12 @@ def reference_numbers(profile: str, dataset: str) -> Dict[str, Dict[str, Any]]:
 
 def compare_to_reference(table: pd.DataFrame, reference: Mapping[str, Mapping[str, Any]],
                          metric: str = "mIoU") -> pd.DataFrame:
-    """One row per reference entry: ours, the target (absolute, or a gain over another row), met/missed."""
+    """One row per reference entry: ours, the target (absolute, or a gain over another row), met/missed.
+    An entry names its row of ``table`` by its key, or by ``model`` when one row has several goals."""
     ours = dict(zip(table["model"], table[metric]))
     rows = []
-    for model, ref in reference.items():
+    for key, ref in reference.items():
+        model = ref.get("model", key)
         value = ours.get(model, float("nan"))
         if "min_gain_over" in ref:
             base = ours.get(ref["min_gain_over"], float("nan"))
@@ -301,7 +320,30 @@ def compare_to_reference(table: pd.DataFrame, reference: Mapping[str, Mapping[st
     return pd.DataFrame(rows)
 
 
-def headline(lab: Lab, table: pd.DataFrame, compare: pd.DataFrame) -> str:
-    """The summary's first lines: the benchmark table and the goals, as measured in this run."""
-    return "\n".join([f"## {lab.profile} / {lab.dataset}: mIoU (%)", "", markdown_table(table),
-                      "## Goals", "", markdown_table(compare)])
+def bias_table(heads: Mapping[str, Tuple[Any, str]], baseline: str = "MaskCLIP") -> pd.DataFrame:
+    """Class and space bias (``evaluate(..., bias_grid=...)``) of named heads, ``{name: (report, head)}``,
+    beside their change from ``baseline``'s; ``lower`` says whether both metrics dropped."""
+    rows = []
+    for name, (report, head) in heads.items():
+        if head not in report.bias:
+            raise ValueError(f"{name!r}: its report has no bias metrics for head {head!r}; evaluate with bias_grid.")
+        b = report.bias[head]
+        rows.append({"model": name, "class TVD": b.class_bias().tvd, "space TVD": b.space_bias().score})
+    df = pd.DataFrame(rows)
+    base = df.set_index("model").loc[baseline]
+    df["Δ class TVD"] = df["class TVD"] - base["class TVD"]
+    df["Δ space TVD"] = df["space TVD"] - base["space TVD"]
+    lower = (df["Δ class TVD"] < 0) & (df["Δ space TVD"] < 0)
+    df["both lower than " + baseline] = np.where(df["model"] == baseline, "—", np.where(lower, "yes", "no"))
+    return df
+
+
+def headline(lab: Lab, table: pd.DataFrame, compare: pd.DataFrame, bias: Optional[pd.DataFrame] = None) -> str:
+    """The summary's first lines: the benchmark table, the goals and (if given) the bias table, as
+    measured in this run."""
+    parts = [f"## {lab.profile} / {lab.dataset}: mIoU (%)", "", markdown_table(table), "## Goals", "",
+             markdown_table(compare)]
+    if bias is not None:
+        parts += ["## Bias (0 = unbiased; TVD of predicted vs true class shares, overall and per grid cell)", "",
+                  markdown_table(bias, ".3f")]
+    return "\n".join(parts)

@@ -28,6 +28,8 @@ class _CLIPSegmenter(nn.Module):
 
     #: scale inside the Gumbel-Softmax of the training loss
     gumbel_scale: float = 100.0
+    #: scale of the loss's class scores (method.md §3: 100, OpenAI CLIP's logit scale)
+    score_scale: float = 100.0
 
     def __init__(
         self,
@@ -196,7 +198,7 @@ class ReCLIPPP(_CLIPSegmenter):
         """Gumbel masked contrastive loss (method.md §3) on ``out["logits"]``."""
         return gumbel_masked_contrastive_loss(
             out["logits"], out["feat"], self.text, hypotheses, gumbel_scale=self.gumbel_scale,
-            generator=generator, return_masks=return_masks,
+            score_scale=self.score_scale, generator=generator, return_masks=return_masks,
         )
 
 

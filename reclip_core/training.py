@@ -230,6 +230,13 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
         raise ValueError(f"unknown model kind {kind!r}; use 'reclip++', 'reclip' or 'maskclip'.")
     if cfg["gumbel_scale"] is not None and kind != "maskclip":  # > 0, checked with the config
         model.gumbel_scale = float(cfg["gumbel_scale"])  # an instance attribute shadows the class constant
+    if cfg["score_scale"] is not None and kind != "maskclip":
+        # 'clip': the loss scores regions on this CLIP's own temperature. The method's 100 *is*
+        # OpenAI CLIP's; on a CLIP whose cosines spread wider (the toy CLIP: ~21) 100 saturates the
+        # cross-entropy, which then prefers CLIP's own argmax to the hypotheses (docs/training.md).
+        from .backbone import logit_scale
+
+        model.score_scale = logit_scale(clip) if cfg["score_scale"] == "clip" else float(cfg["score_scale"])
     return model.to(dev)
 
 

@@ -181,3 +181,55 @@ def test_batched_evaluation_equals_one_image_at_a_time(tiny_clip):
     for head in one.metrics:
         for tag in ("no_pd", "pd"):
             np.testing.assert_array_equal(one.metrics[head][tag].confusion, many.metrics[head][tag].confusion)
+
+
+def test_token_labels_majority_per_patch_with_padding():
+    from reclip_core.evaluation import token_labels
+
+    label = np.full((12, 20), 255, np.int64)
+    label[0:8, 0:6] = 1          # token (0, 0): 6 of 8 columns are class 1
+    label[0:8, 8:16] = 0         # token (0, 1): all class 0
+    label[8:12, 0:20] = 2        # bottom row of tokens: 4 rows of class 2, 4 rows of padding -> tie
+    label[8:12, 16:20] = 7       # an out-of-range class counts as ignored
+    tok = token_labels(label, (12, 20), patch=8, num_classes=3)
+    assert tok.shape == (2, 3)   # 12 x 20 padded to 16 x 24
+    assert tok[0].tolist() == [1, 0, 3]  # columns 16-23: ignored label, then padding
+    assert tok[1, 0].item() == 2  # 32 class-2 pixels vs 32 padding: ties go to the class
+    assert tok[1, 2].item() == 3  # class 7 of 3 classes is ignored
+
+
+def test_loss_preference_rows_and_the_loss_of_each_segmentation(tiny_clip):
+    import pandas as pd
+
+    from reclip_core.evaluation import loss_preference
+    from reclip_core.loss import gumbel_masked_contrastive_loss
+    from reclip_core.model import MaskCLIP, ReCLIPPP
+    from reclip_core.transforms import eval_preprocess
+
+    model = ReCLIPPP(tiny_clip, NAMES, templates=["a photo of a {}."])
+    ds = ImageSet(4, labels=True, sizes=((32, 32),))
+    every = {f"img{i:03d}": list(range(len(NAMES))) for i in range(4)}
+    got = loss_preference(model, ds, every, test_size=32, score_scales=(100, 5))
+    assert list(got.index) == ["MaskCLIP argmax", "MaskCLIP argmax within the hypothesis",
+                               "truth (other tokens: MaskCLIP argmax)", "model"]
+    assert list(got.columns) == ["scale 100", "scale 5"]
+    # with every class in the hypothesis, restricting MaskCLIP to it changes nothing
+    pd.testing.assert_series_equal(got.iloc[0], got.iloc[1], check_names=False)
+    # the MaskCLIP row by hand: the loss of the one-hot argmax masks, image by image
+    want = []
+    with torch.no_grad():
+        for i in range(4):
+            out = model.eval()(images=eval_preprocess(ds[i]["image"], 32))
+            m = torch.nn.functional.one_hot(out["clip_logits"].argmax(1), len(NAMES)).permute(0, 3, 1, 2).float()
+            want.append(float(gumbel_masked_contrastive_loss(m * 1e4, out["feat"], model.text, [every[f"img{i:03d}"]],
+                                                             gumbel_scale=1.0, score_scale=5.0)))
+    assert got.loc["MaskCLIP argmax", "scale 5"] == pytest.approx(np.mean(want), rel=1e-5)
+    # a one-class hypothesis: restricted to it, every token is that class; the truth differs from MaskCLIP
+    one = {f"img{i:03d}": [0] for i in range(4)}
+    got1 = loss_preference(MaskCLIP(tiny_clip, NAMES, templates=["a photo of a {}."]), ds, one, test_size=32)
+    assert "model" not in got1.index and got1.shape == (3, 1)
+    assert np.isfinite(got1.values).all() and got1.iloc[1, 0] != got1.iloc[0, 0]
+    with pytest.raises(KeyError, match="compute hypotheses on this split first"):
+        loss_preference(model, ds, {"img000": [0]}, test_size=32)
+    with pytest.raises(ValueError, match="no image with a non-empty hypothesis"):
+        loss_preference(model, ds, {k: [] for k in every}, test_size=32)

@@ -10,7 +10,7 @@ from PIL import Image
 from reclip_core import MaskCLIP
 from reclip_core.bias_analysis import class_bias
 from reclip_core.evaluation import evaluate, upsample_logits
-from reclip_core.lab import compare_to_reference, markdown_table, reference_numbers
+from reclip_core.lab import bias_table, compare_to_reference, headline, markdown_table, reference_numbers
 from reclip_core.reproduce import check_parameter_names, check_parameters
 from reclip_core.transforms import eval_preprocess
 
@@ -70,6 +70,12 @@ def test_compare_to_reference_reports_misses():
     out = compare_to_reference(table, ref).set_index("model")
     assert out.loc["ReCLIP++", "status"] == "MISSED" and out.loc["ReCLIP++", "measured"] == 7.0
     assert out.loc["ReCLIP++ (rectify only)", "status"] == "met"
+    # two goals for one row: an entry names its row with `model`
+    two = compare_to_reference(table, {"higher": {"model": "ReCLIP++", "min_gain_over": "MaskCLIP", "gain": 0.1},
+                                       "compass": {"model": "ReCLIP++", "min_gain_over": "MaskCLIP", "gain": 10.0}})
+    assert list(two["model"]) == ["ReCLIP++", "ReCLIP++"] and list(two["status"]) == ["met", "MISSED"]
+    toy = reference_numbers("toy", "toyworld")
+    assert [v.get("model", k) for k, v in toy.items()].count("ReCLIP++") == 2
     paper = compare_to_reference(pd.DataFrame({"model": ["ReCLIP++ (rectify only)"], "mIoU": [84.6]}),
                                  reference_numbers("paper", "voc")).set_index("model")
     assert paper.loc["ReCLIP++ (rectify only)", "status"] == "met"  # 85.4 − 1.0 tolerance
@@ -90,3 +96,33 @@ def test_parameter_checks_fail_fast():
     with pytest.raises(ValueError, match="unknown notebook parameter"):
         check_parameter_names({"n_vall": 3})
     check_parameter_names({"n_val": 3, "grid": 2})
+
+
+def test_bias_table_against_the_baseline_and_in_the_headline(tiny_clip):
+    from types import SimpleNamespace
+
+    from reclip_core import ReCLIPPP
+
+    torch.manual_seed(0)
+    val = _Val()
+    base = evaluate(MaskCLIP(tiny_clip, ["cat", "dog"], templates=["a photo of a {}."]), val, test_size=32,
+                    pd_threshold=0.5, progress=False, bias_grid=2)
+    other = evaluate(ReCLIPPP(tiny_clip, ["cat", "dog"], templates=["a photo of a {}."]), val, test_size=32,
+                     pd_threshold=0.5, progress=False, bias_grid=2)
+    df = bias_table({"MaskCLIP": (base, "maskclip"), "X": (other, "reclip++"), "X rect": (other, "rectified")})
+    row = df.set_index("model")
+    for name, (rep, head) in {"X": (other, "reclip++"), "X rect": (other, "rectified")}.items():
+        assert row.loc[name, "class TVD"] == rep.bias[head].class_bias().tvd
+        assert row.loc[name, "Δ space TVD"] == pytest.approx(rep.bias[head].space_bias().score -
+                                                             base.bias["maskclip"].space_bias().score)
+        lower = row.loc[name, "Δ class TVD"] < 0 and row.loc[name, "Δ space TVD"] < 0
+        assert row.loc[name, "both lower than MaskCLIP"] == ("yes" if lower else "no")
+    assert row.loc["MaskCLIP", "both lower than MaskCLIP"] == "—" and row.loc["MaskCLIP", "Δ class TVD"] == 0
+    # a head equal to the baseline is not lower
+    assert "yes" not in set(bias_table({"MaskCLIP": (base, "maskclip"), "same": (base, "maskclip")})["both lower than MaskCLIP"])
+    with pytest.raises(ValueError, match="evaluate with bias_grid"):
+        bias_table({"MaskCLIP": (evaluate(MaskCLIP(tiny_clip, ["cat", "dog"], templates=["a photo of a {}."]), val,
+                                          test_size=32, pd_threshold=0.5, progress=False), "maskclip")})
+    text = headline(SimpleNamespace(profile="toy", dataset="toyworld"),
+                    pd.DataFrame({"model": ["MaskCLIP"], "mIoU": [1.0]}), pd.DataFrame({"model": ["MaskCLIP"]}), df)
+    assert "## Bias" in text and "both lower than MaskCLIP" in text and f"{row.loc['X', 'class TVD']:.3f}" in text

@@ -299,3 +299,40 @@ def test_gumbel_scale_key_overrides_the_method_constant_for_the_loss(tmp_path, t
     assert torch.equal(got, want) and not torch.equal(got, other)
     with pytest.raises(ValueError, match="'gumbel_scale' must be > 0 or null"):
         tiny_config(tmp_path / "c", gumbel_scale=0)  # refused when the config is loaded
+
+
+def test_score_scale_key_sets_the_loss_score_scale_or_reads_the_clip_temperature(tmp_path, tiny_clip):
+    from reclip_core.backbone import logit_scale
+    from reclip_core.loss import gumbel_masked_contrastive_loss
+    from reclip_core.model import ReCLIPPP
+    from reclip_core.training import build_model
+
+    assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip).score_scale == ReCLIPPP.score_scale == 100.0
+    saved = tiny_clip.logit_scale.detach().clone()  # the fixture is shared by the whole session
+    try:
+        with torch.no_grad():
+            tiny_clip.logit_scale.fill_(math.log(7.5))  # a CLIP with its own temperature
+        assert logit_scale(tiny_clip) == pytest.approx(7.5)
+        model = build_model(tiny_config(tmp_path / "b", score_scale="clip"), clip=tiny_clip).eval()
+    finally:
+        with torch.no_grad():
+            tiny_clip.logit_scale.copy_(saved)
+    assert model.score_scale == pytest.approx(7.5) and ReCLIPPP.score_scale == 100.0
+    assert build_model(tiny_config(tmp_path / "c", score_scale=3), clip=tiny_clip).score_scale == 3.0
+    assert build_model(tiny_config(tmp_path / "c", score_scale=3), clip=tiny_clip, kind="reclip").score_scale == 3.0
+    with torch.no_grad():
+        out = model(images=torch.randn(2, 3, 32, 32))
+    hyps = [[0], [1]]
+
+    def loss(**kw):
+        return gumbel_masked_contrastive_loss(out["logits"], out["feat"], model.text, hyps,
+                                              generator=torch.Generator().manual_seed(0), **kw)
+
+    got = model.loss(out, hyps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, loss(score_scale=model.score_scale)) and not torch.equal(got, loss(score_scale=100.0))
+    for bad in ("CLIP", "auto", 0, -2):
+        with pytest.raises(ValueError, match="score_scale must be null .* or a number > 0"):
+            tiny_config(tmp_path / "d", score_scale=bad)
+    without = torch.nn.Module()
+    with pytest.raises(ValueError, match="no logit_scale: use a number"):
+        logit_scale(without)
