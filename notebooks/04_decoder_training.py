@@ -83,12 +83,28 @@ print(lab.save_table(report.summary(), "04_reclippp_miou", title="ReCLIP++ (rect
 
 # %% [markdown]
 # Class by class (IoU %, PD off): where the decoder gains and loses against MaskCLIP. A class at 0
-# is one the decoder never predicts: under the method's hard Gumbel-Softmax at scale 100 a class
-# that stops winning pixels early gets almost no gradient back (docs/training.md).
+# is one the decoder never predicts: through the hard Gumbel-Softmax a class that stops winning
+# pixels early gets almost no gradient back, and a class MaskCLIP hardly reads (and the hypotheses
+# hardly name) gives the loss nothing to start from (docs/training.md).
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(lab.save_table(report.per_class_iou(), "04_per_class_iou", title="IoU per class (%)").to_string(index=False))
+
+# %% [markdown]
+# ## What the loss prefers
+# The loss scores each hypothesis class's pooled features as `s · pooled_k · textᵀ`. The method's
+# `s = 100` is OpenAI CLIP's own logit scale; the toy config uses the toy CLIP's (`score_scale:
+# clip`, about 21), because its cosines spread wider. The table gives the loss (lower = preferred)
+# of fixed segmentations of the validation images, with their label-free hypotheses: MaskCLIP's
+# argmax, that argmax restricted to the hypothesis, the truth (labels read here only, evaluation
+# code), and this model's output. The decoder can only move towards what the loss prefers.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+preference = lab.loss_preference(model).reset_index()
+print(lab.save_table(preference, "04_loss_preference", floatfmt=".3f",
+                     title="Loss of fixed segmentations (val, lower = preferred by the loss)").to_string(index=False))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
