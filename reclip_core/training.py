@@ -232,7 +232,7 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
         model.gumbel_scale = float(cfg["gumbel_scale"])  # an instance attribute shadows the class constant
     if cfg["score_scale"] is not None and kind != "maskclip":
         # 'clip': the loss scores regions on this CLIP's own temperature. The method's 100 *is*
-        # OpenAI CLIP's; on a CLIP whose cosines spread wider (the toy CLIP: ~21) 100 saturates the
+        # OpenAI CLIP's; on a CLIP that learned a lower one (the toy CLIP: 20.8) 100 saturates the
         # cross-entropy, which then prefers CLIP's own argmax to the hypotheses (docs/training.md).
         from .backbone import logit_scale
 
