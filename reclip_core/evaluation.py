@@ -381,7 +381,7 @@ def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence
             in_hyp = torch.full_like(mc, float("-inf"))
             in_hyp[hyp] = mc[hyp]
             truth = torch.where(tok == C, mc.argmax(0), tok.clamp(max=C - 1))
-            segs = [mc.argmax(0), in_hyp.argmax(0), truth] + ([out["logits"][0].argmax(0)] if len(names) > 3 else [])
+            segs = [mc.argmax(0), in_hyp.argmax(0), truth] + ([out["logits"][0].argmax(0)] if "model" in names else [])
             for r, seg in enumerate(segs):
                 onehot = F.one_hot(seg, C).permute(2, 0, 1)[None].float() * 1e4  # no Gumbel draw can flip it
                 for j, s in enumerate(score_scales):
