@@ -322,7 +322,8 @@ def compare_to_reference(table: pd.DataFrame, reference: Mapping[str, Mapping[st
 
 def bias_table(heads: Mapping[str, Tuple[Any, str]], baseline: str = "MaskCLIP") -> pd.DataFrame:
     """Class and space bias (``evaluate(..., bias_grid=...)``) of named heads, ``{name: (report, head)}``,
-    beside their change from ``baseline``'s; ``lower`` says whether both metrics dropped."""
+    beside their change from ``baseline``'s; the column ``both lower than <baseline>`` says whether
+    both metrics dropped."""
     rows = []
     for name, (report, head) in heads.items():
         if head not in report.bias:
