@@ -36,6 +36,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import yaml
 
 from reclip_core.atomic_io import atomic_write_json, atomic_write_text
+from reclip_core.datasets import safe_relative_id
 
 __all__ = [
     "Archive",
@@ -90,9 +91,14 @@ class Archive:
 
 
 def load_registry(path: Optional[os.PathLike] = None) -> Dict[str, Archive]:
-    """All archives of the registry file, by name."""
-    data = yaml.safe_load(Path(path or REGISTRY_PATH).read_text(encoding="utf-8"))
-    return {name: Archive.from_dict(name, d) for name, d in (data.get("archives") or {}).items()}
+    """All archives of the registry file, by name; each filename must be a plain file name."""
+    path = Path(path or REGISTRY_PATH)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    out = {name: Archive.from_dict(name, d) for name, d in (data.get("archives") or {}).items()}
+    for name, arch in out.items():  # filenames are joined onto the cache and --archives folders
+        safe_relative_id(arch.filename, f"the archive registry {path}, archive {name!r}, key 'filename',",
+                         flat=True, fix="Fix that entry: the filename is the archive's plain file name.")
+    return out
 
 
 def dataset_archives(dataset: str, path: Optional[os.PathLike] = None) -> List[Archive]:

@@ -5,7 +5,8 @@ absolute (``/etc/x``, ``C:\\x``, ``\\\\server\\x``), contains a ``..`` component
 or is a symbolic/hard link whose target lies outside the extraction root makes
 the whole archive refused with :class:`UnsafeArchiveError` naming the member.
 Device files and FIFOs are refused too. Nothing is extracted from a refused
-archive.
+archive. A member replaces (never writes into) a file left at its path, so
+prepared images hard-linked to an earlier extraction keep their content.
 
 A completed extraction leaves a stamp (``.extracted-<archive name>.json``) in
 the destination, so a rerun skips it, and an interrupted one is redone.
@@ -113,6 +114,17 @@ def list_members(path: os.PathLike) -> List[str]:
         return [m.name for m in _check_tar(path.name, tf, lambda r: True)]
 
 
+def _drop_old_file(out: Path) -> None:
+    """Remove a file an earlier extraction left at ``out`` before a member is written there.
+
+    Why: prepared images are hard links to the extracted files and extractors write into an
+    existing file in place, so re-extracting (another archive, ``--force``) would silently
+    change already prepared images, or write through a link left there. A new file is safe.
+    """
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+
+
 def _stamp(dest: Path, archive: Path) -> Path:
     return dest / f".extracted-{archive.name}.json"
 
@@ -144,14 +156,19 @@ def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Call
         with zipfile.ZipFile(path) as zf:
             members = _check_zip(path.name, zf, keep)
             for info in tqdm(members, desc=f"extract {path.name}", unit="file", disable=not progress, leave=False):
-                out = (root / check_member_name(path.name, info.filename)).resolve()
+                rel = check_member_name(path.name, info.filename)
+                out = (root / rel).resolve()
                 if root != out and root not in out.parents:  # defence in depth
                     raise UnsafeArchiveError(f"{path.name}: member {info.filename!r} resolves outside {root}")
+                if not info.is_dir():
+                    _drop_old_file(root / rel)
                 zf.extract(info, root)
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tf:
             members = _check_tar(path.name, tf, keep)
             for m in tqdm(members, desc=f"extract {path.name}", unit="file", disable=not progress, leave=False):
+                if m.isfile():
+                    _drop_old_file(root / check_member_name(path.name, m.name))
                 tf.extract(m, root, filter="data")
     else:
         raise ValueError(f"{path} is neither a tar nor a zip archive; delete it and download it again.")

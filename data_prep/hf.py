@@ -26,6 +26,8 @@ from typing import Callable, Dict, Optional
 
 from PIL import Image
 
+from reclip_core.datasets import safe_relative_id
+
 from . import convert
 
 __all__ = ["HF_SOURCES", "load_hf_split", "write_hf_split", "prepare_hf"]
@@ -61,10 +63,13 @@ def load_hf_split(name: str, split: str, **kwargs):
                                  split=spec["splits"][split], **kwargs)
 
 
-def _row_id(raw: dict, index: int, split: str) -> str:
+def _row_id(raw: dict, index: int, split: str, root: Path) -> str:
+    """The row's image file stem (checked: it becomes a file name in ``root``), else ``<split>_<index>``."""
     path = (raw or {}).get("path") if isinstance(raw, dict) else None
     if path:
-        return Path(path).stem
+        return safe_relative_id(Path(path).stem, f"the Hugging Face {split} row {index} (image path {path!r})",
+                                root=root, flat=True, fix="Use a faithful copy of the dataset (see data_prep/hf.py) "
+                                "or `--source official`.")
     return f"{split}_{index:06d}"
 
 
@@ -108,7 +113,7 @@ def write_hf_split(ds, root: os.PathLike, split: str, *, image_column: str = "im
     staging = root / "raw" / "hf" / split
     items = []
     for i, row in enumerate(tqdm(ds, desc=f"hf {split}", unit="row", disable=not progress, leave=False)):
-        rid = _row_id(row[image_column], i, split)
+        rid = _row_id(row[image_column], i, split, staging)
         data, suffix = _image_bytes(row[image_column])
         img_path = staging / f"{rid}{suffix}"
         if not img_path.exists() or img_path.stat().st_size != len(data):

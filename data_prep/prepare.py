@@ -11,6 +11,8 @@ Converted layout of a dataset root (what ``reclip_core.datasets.benchmarks`` rea
 Training labels are never converted nor linked: the unsupervised method must
 not see them, and the train split's folder holds images only. Images are
 hard-linked from ``raw/`` when possible (no extra disk space), else copied.
+Every id read from a split list or annotation file passes ``safe_relative_id``
+before it becomes a path, so no list can make a run write outside its root.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from reclip_core.atomic_io import atomic_write_bytes, atomic_write_json
+from reclip_core.datasets import safe_relative_id
 
 from . import convert
 from .download import dataset_archives, fetch
@@ -79,8 +82,17 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _read_ids(path: Path) -> List[str]:
-    return [ln.strip() for ln in _require(path, "a split list").read_text().splitlines() if ln.strip()]
+def _redo(name: str, raw: Path) -> str:
+    """What to do when an archive's list holds an unsafe id (ends the error message)."""
+    return (f"Nothing was converted. Get the archive from a trusted source (data_prep/archives.yaml), delete "
+            f"{raw} and rerun `python -m data_prep {name} --root {raw.parent} --force`.")
+
+
+def _read_ids(path: Path, folder: Path, suffix: str, fix: str) -> List[str]:
+    """Ids of a split list, one a line; each must name a file ``<id><suffix>`` inside ``folder``."""
+    lines = _require(path, "a split list").read_text().splitlines()
+    return [safe_relative_id(ln.strip(), f"the split list {path} line {n}", root=folder, suffix=suffix, fix=fix)
+            for n, ln in enumerate(lines, start=1) if ln.strip()]
 
 
 # --- gathering: find the images (and val label sources) in the extracted archives -----------
@@ -89,7 +101,8 @@ def gather_voc(raw: Path, files: Dict[str, Path]) -> Dict[str, List[Item]]:
     voc = _require(raw / "VOCdevkit" / "VOC2012", "VOCdevkit/VOC2012")
     out = {}
     for split in ("train", "val"):
-        ids = _read_ids(voc / "ImageSets" / "Segmentation" / f"{split}.txt")
+        ids = _read_ids(voc / "ImageSets" / "Segmentation" / f"{split}.txt", voc / "JPEGImages", ".jpg",
+                        _redo("voc", raw))
         items = []
         for i in ids:
             img = voc / "JPEGImages" / f"{i}.jpg"
@@ -110,10 +123,12 @@ def gather_context(raw: Path, files: Dict[str, Path]) -> Dict[str, List[Item]]:
         anns.setdefault(a["image_id"], []).append(a)
     table = convert.context59_lut()
     out = {"train": [], "val": []}
-    for img in data["images"]:
+    for k, img in enumerate(data["images"]):
         phase = img.get("phase")
         if phase not in out:
             continue
+        safe_relative_id(img.get("file_name"), f"{js} entry images[{k}] (image_id {img.get('image_id')}), "
+                         "key 'file_name',", root=voc / "JPEGImages", fix=_redo("context", raw))
         stem = Path(img["file_name"]).stem
         path = voc / "JPEGImages" / img["file_name"]
         label = None
@@ -199,14 +214,6 @@ def _place(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for buf in iter(lambda: fh.read(1 << 20), b""):
-            h.update(buf)
-    return h.hexdigest()
-
-
 def _clean_stale(folder: Path, keep: set) -> int:
     n = 0
     if folder.is_dir():
@@ -229,6 +236,9 @@ def write_split(root: Path, split: str, items: Sequence[Item], *, progress: bool
         raise ValueError(f"duplicate ids in the {split} split: {dup}")
     items = sorted(items, key=lambda it: it.id)
     img_dir, lab_dir = root / "images" / split, root / "labels" / split
+    for it in items:  # every id is checked before the first file is written
+        for folder, suffix in [(img_dir, Path(it.image).suffix.lower())] + [(lab_dir, ".png")] * (split == "val"):
+            safe_relative_id(it.id, f"the {split} split's item list (image {it.image})", root=folder, suffix=suffix)
     images, labels = [], []
     for it in tqdm(items, desc=f"{split} split", unit="img", disable=not progress, leave=False):
         src = _require(Path(it.image), f"image {it.id}")

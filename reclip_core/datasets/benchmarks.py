@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
+from . import safe_relative_id
+
 __all__ = [
     "BENCHMARKS",
     "IGNORE_INDEX",
@@ -104,7 +106,9 @@ class BenchmarkImages:
                        key=lambda p: p.stem)
         if not files:
             raise _missing(name, self.root, f"any image in images/{split}")
-        stems = [p.stem for p in files]
+        # ids name label files and outputs; the files themselves may be links (readers only read)
+        stems = [safe_relative_id(p.stem, f"{name}: the image file {p}", flat=True,
+                                  fix=f"Rerun `{prepare_command(name, self.root)} --force`.") for p in files]
         if len(set(stems)) != len(stems):
             raise ValueError(f"{name}: two images share an id in {img_dir}; rerun "
                              f"`{prepare_command(name, self.root)} --force`.")

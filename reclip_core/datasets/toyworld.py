@@ -35,6 +35,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import safe_relative_id
+
 # Bump when the generator's output for a given preset changes (it is part of the cache hash).
 GENERATOR_VERSION = "toyworld-1"
 
@@ -81,6 +83,7 @@ def load_preset(name_or_path: str | os.PathLike | Mapping[str, Any]) -> dict:
     already-loaded dict. The result is validated (:func:`validate_preset`)."""
     import yaml
 
+    source = "the toy-world preset"
     if isinstance(name_or_path, Mapping):
         preset = copy.deepcopy(dict(name_or_path))
     else:
@@ -89,7 +92,8 @@ def load_preset(name_or_path: str | os.PathLike | Mapping[str, Any]) -> dict:
             preset = yaml.safe_load(f)
         if not isinstance(preset, dict):
             raise ValueError(f"toy-world preset {path} is not a YAML mapping; fix the file")
-    validate_preset(preset)
+        source = f"the toy-world preset {path}"
+    validate_preset(preset, source)
     return preset
 
 
@@ -97,13 +101,16 @@ def _shape_names() -> tuple[str, ...]:
     return ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
 
 
-def validate_preset(preset: Mapping[str, Any]) -> None:
+def validate_preset(preset: Mapping[str, Any], source: str = "the toy-world preset") -> None:
     """Raise ``ValueError`` (saying what to fix) when a preset is malformed."""
     for key in ("name", "seed", "image_size", "classes", "objects", "background", "captions",
                 "splits"):
         if key not in preset:
             raise ValueError(f"toy-world preset lacks the key {key!r}; "
                              f"copy reclip_core/presets/toyworld_biased.yaml and edit it")
+    # the name becomes the world's folder name under the cache root
+    safe_relative_id(preset["name"], f"{source}, key 'name',", flat=True,
+                     fix="Use a plain folder name such as 'biased'.")
     names = [c["name"] for c in preset["classes"]]
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"toy-world preset needs at least two distinct class names, got {names}")
