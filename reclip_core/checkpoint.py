@@ -21,11 +21,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .atomic_io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from .checkpoint_checks import check_identity, checkpoint_identity, validate_weights  # noqa: F401  (re-exported)
 
 LATEST = "latest.json"
 FORMAT_VERSION = 1
@@ -62,7 +63,11 @@ def save_checkpoint(
     json.dumps(dict(state))  # fail before writing anything if the state is not serialisable
     stem = _step_name(state["step"])
     weights_file = f"{stem}.safetensors"
-    atomic_save_safetensors(dict(weights), folder / weights_file, metadata={"format": "reclip", "step": str(state["step"])})
+    meta = {"format": "reclip", "step": str(state["step"])}
+    for key in ("identity", "class_names"):  # so that a bare weights file can be checked on its own too
+        if key in state:
+            meta[key] = json.dumps(state[key])
+    atomic_save_safetensors(dict(weights), folder / weights_file, metadata=meta)
     optim_file = None
     if optimizer is not None:
         optim_file = f"{stem}.optim.pt"
@@ -164,13 +169,38 @@ RELEASE_KEY_MAP = {
 }
 
 
-def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
-    """The authors' ``best_weight.pth`` → a state dict for ``ReCLIPPP.load_trainable_state_dict``.
+def _reclip_release_keys() -> Tuple[Dict[str, str], Dict[str, str]]:
+    """ReCLIP (CVPR): its space net is ``proj_net`` (3×3 conv, BN, ReLU, three times), whose convs and
+    BNs are also attributes ``conv1``..``conv3`` / ``norm1``..``norm3``, so the release's state dict
+    holds each of these tensors under two names. → (release name → ours, alias → release name)."""
+    layers = {"conv1": 0, "norm1": 1, "conv2": 3, "norm2": 4, "conv3": 6, "norm3": 7}  # index in proj_net
+    keys, aliases = {"text_encoder.prompt_token": "reference.tokens"}, {}
+    for attr, i in layers.items():
+        tensors = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked") if attr.startswith("norm") \
+            else ("weight", "bias")
+        for t in tensors:
+            keys[f"proj_net.{i}.{t}"] = f"space_net.{i}.{t}"  # our ReCLIP.space_net has the same layout
+            aliases[f"{attr}.{t}"] = f"proj_net.{i}.{t}"
+    return keys, aliases
+
+
+RELEASE_RECLIP_KEY_MAP, RELEASE_RECLIP_ALIASES = _reclip_release_keys()
+# frozen weights a released state dict also holds (the CLIP, its copy in ``vit``, the visual projection)
+_RELEASE_FROZEN_PREFIXES = ("clip.", "clip_model.", "image_encoder.", "text_encoder.", "vit.")
+_RELEASE_FROZEN_KEYS = ("proj.weight", "logit_scale")
+
+
+def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]],
+                               model: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The authors' ``best_weight.pth`` → a state dict for ``load_trainable_state_dict`` of our
+    ``ReCLIPPP`` (``model="reclip++"``) or ``ReCLIP`` (``model="reclip"``); ``None`` tells them apart
+    by ReCLIP's ``proj_net`` keys.
 
     Accepts a path (loaded with ``torch.load(weights_only=True)``) or an already-loaded mapping.
     Handles a ``{"state_dict": ...}``/``{"model": ...}`` wrapper, the ``module.`` prefix of DDP,
     and a prompt token stored as [1, 73, D] or [73, D]. Keys of the frozen CLIP are dropped; any
-    other unknown key is ignored with a warning; a missing one raises ``ValueError``.
+    other unknown key is ignored with a warning; a missing one raises ``ValueError``. ReCLIP's
+    tensors stored twice (``proj_net.i`` and ``convN``/``normN``) must be equal.
     """
     if isinstance(path_or_state, Mapping):
         raw = dict(path_or_state)
@@ -190,59 +220,97 @@ def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(raw.get(wrapper), Mapping):
             raw = dict(raw[wrapper])
+    bare = [key[len("module."):] if key.startswith("module.") else key for key in raw]
+    if model is None:
+        model = "reclip" if any(k.startswith("proj_net.") or k in RELEASE_RECLIP_ALIASES for k in bare) else "reclip++"
+    if model not in ("reclip++", "reclip"):
+        raise ValueError(f"model must be 'reclip++' or 'reclip' (or None to detect it), got {model!r}.")
+    key_map = RELEASE_KEY_MAP if model == "reclip++" else RELEASE_RECLIP_KEY_MAP
+    aliases = RELEASE_RECLIP_ALIASES if model == "reclip" else {}
     out: Dict[str, torch.Tensor] = {}
     unknown = []
-    for key, value in raw.items():
-        k = key[len("module."):] if key.startswith("module.") else key
-        if k in RELEASE_KEY_MAP:
+    for key, k, value in zip(raw, bare, raw.values()):
+        k = aliases.get(k, k)
+        if k in key_map:
             t = torch.as_tensor(value).detach().cpu()
             if k == "text_encoder.prompt_token" and t.ndim == 3:
                 if t.shape[0] != 1:
                     raise ValueError(f"prompt_token has shape {tuple(t.shape)}; expected [1, n_ctx, D] or [n_ctx, D].")
                 t = t[0]
-            out[RELEASE_KEY_MAP[k]] = t.clone()
-        elif k.startswith(("clip.", "clip_model.", "image_encoder.", "text_encoder.")):
+            target = key_map[k]
+            if target in out and not torch.equal(out[target], t):
+                raise ValueError(f"release checkpoint holds two different tensors for {k} (under its two names, "
+                                 f"{key} being one); the release stores one tensor under both.")
+            out[target] = t.clone()
+        elif k.startswith(_RELEASE_FROZEN_PREFIXES) or k in _RELEASE_FROZEN_KEYS:
             continue  # frozen CLIP weights (we load CLIP separately)
         else:
             unknown.append(key)
+    what = "ReCLIP++" if model == "reclip++" else "ReCLIP"
     if unknown:
         # Warn rather than fail: we have not seen every variant of the released files, and the
         # keys we need are checked below.
-        warnings.warn(f"release checkpoint keys ignored (not part of ReCLIP++'s trainable state): {unknown[:10]}"
+        warnings.warn(f"release checkpoint keys ignored (not part of {what}'s trainable state): {unknown[:10]}"
                       f"{' ...' if len(unknown) > 10 else ''}", stacklevel=2)
-    missing = [v for k, v in RELEASE_KEY_MAP.items() if v not in out and "num_batches" not in k]
+    missing = [v for k, v in key_map.items() if v not in out and "num_batches" not in k]
     if missing:
-        raise ValueError(f"release checkpoint lacks {missing}; is it a ReCLIP++ best_weight.pth?")
-    if "decoder.norm.num_batches_tracked" not in out:
-        out["decoder.norm.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        raise ValueError(f"release checkpoint lacks {missing}; is it a {what} best_weight.pth?")
+    for k, v in key_map.items():
+        if "num_batches" in k and v not in out:
+            out[v] = torch.tensor(0, dtype=torch.long)
     return out
 
 
-def load_model_weights(model: torch.nn.Module, path: PathLike) -> Dict[str, Any]:
+def load_model_weights(model: torch.nn.Module, path: PathLike, allow_legacy: bool = False) -> Dict[str, Any]:
     """Load trainable weights into ``model`` from a run/checkpoint folder, a ``.safetensors`` file or
-    a release ``.pth``; returns the checkpoint's JSON state (empty for bare files)."""
+    a release ``.pth``; returns the checkpoint's JSON state (empty for bare files).
+
+    Checked before anything is loaded: the class list, the CLIP weights and templates (see
+    :func:`check_identity`; ``allow_legacy`` accepts a file without that record) and every tensor
+    (:func:`validate_weights`). The authors' ``.pth`` records no identity; it is checked as a tensor state only."""
     p = Path(path)
-    if find_checkpoint(p) is not None:
-        ck = load_checkpoint(p, load_optimizer=False)
-        trained, wanted = ck.state.get("class_names"), getattr(model, "class_names", None)
+    wanted = getattr(model, "class_names", None)
+
+    def check_classes(trained: Any, source: Path) -> None:
         if trained is not None and wanted is not None and list(trained) != list(wanted):
             # same count, other names would load without a shape error and mislabel every class
-            raise ValueError(f"checkpoint {ck.path} was trained for the classes {list(trained)}, but the model has "
+            raise ValueError(f"checkpoint {source} was trained for the classes {list(trained)}, but the model has "
                              f"{list(wanted)}; evaluate with the config the run was trained with, or train for "
                              "these classes.")
+
+    if find_checkpoint(p) is not None:
+        ck = load_checkpoint(p, load_optimizer=False)
+        check_classes(ck.state.get("class_names"), ck.path)
+        check_identity(ck.state.get("identity"), model, ck.path, allow_legacy, ck.state.get("config"))
+        validate_weights(ck.weights, model, ck.path.parent / ck.state["weights"])
         model.load_trainable_state_dict(ck.weights)
         return ck.state
     if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        model.load_trainable_state_dict(load_file(str(p), device="cpu"))
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+            weights = load_file(str(p), device="cpu")
+        except Exception as err:  # SafetensorError on a truncated or foreign file
+            raise ValueError(f"weights file {p} cannot be read ({type(err).__name__}: {err}); restore it or "
+                             "retrain.") from err
+        recorded = {k: json.loads(meta[k]) for k in ("identity", "class_names") if k in meta}
+        check_classes(recorded.get("class_names"), p)
+        check_identity(recorded.get("identity"), model, p, allow_legacy)
+        validate_weights(weights, model, p)
+        model.load_trainable_state_dict(weights)
         return {}
     if p.suffix in (".pth", ".pt") and p.is_file():
-        model.load_trainable_state_dict(convert_release_checkpoint(p))
+        weights = convert_release_checkpoint(p, "reclip" if hasattr(model, "space_net") else "reclip++")
+        validate_weights(weights, model, p)
+        model.load_trainable_state_dict(weights)
         return {}
     raise FileNotFoundError(f"no checkpoint at {p}: pass a run folder, a checkpoints folder, "
                             "a .safetensors file, or the authors' best_weight.pth.")
 
 
 __all__ = ("Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "convert_release_checkpoint",
-           "load_model_weights", "RELEASE_KEY_MAP")
+           "load_model_weights", "RELEASE_KEY_MAP", "RELEASE_RECLIP_KEY_MAP", "checkpoint_identity", "check_identity",
+           "validate_weights")

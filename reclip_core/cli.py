@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config key (repeatable), e.g. --set lr=0.02 --set clip.pretrained=null")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def legacy(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--allow-legacy-checkpoint", action="store_true",
+                        help="load a checkpoint that does not record its CLIP weights and templates (written before "
+                        "that record); only if you know it was trained with this config's CLIP and templates")
+
     h = sub.add_parser("hypothesis", help="image-level hypotheses of a split (JSON keyed by image id, resumable)")
     common(h)
     h.add_argument("--split", default=None, help="split (default: the config's train_split); on a labelled split "
@@ -40,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="MaskCLIP / rectified / ReCLIP++ val mIoU side by side (last checkpoint)")
     common(e)
     e.add_argument("--checkpoint", default=None, help="run folder, checkpoints folder, .safetensors or best_weight.pth")
+    legacy(e)
 
     s = sub.add_parser("segment", help="segment one image; writes an overlay PNG")
     common(s, config_required=False)
@@ -48,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None, help="trained run/checkpoint (default: MaskCLIP, no training)")
     s.add_argument("--out", default="segmentation.png", help="overlay figure path")
     s.add_argument("--pd", type=float, default=None, help="presence-filter threshold (default: off)")
+    legacy(s)
     return p
 
 
@@ -112,7 +119,8 @@ def cmd_evaluate(args, cfg) -> int:
     from .evaluation import evaluate_run
 
     t0 = time.monotonic()
-    report = evaluate_run(cfg, checkpoint=args.checkpoint, run_dir=_run_dir(cfg), progress=not args.quiet)
+    report = evaluate_run(cfg, checkpoint=args.checkpoint, run_dir=_run_dir(cfg), progress=not args.quiet,
+                          allow_legacy=args.allow_legacy_checkpoint)
     print(report.format())
     info = report.info
     if "epoch" in info:
@@ -134,7 +142,7 @@ def cmd_segment(args, cfg) -> int:
         raise ValueError("pass --classes 'a,b,c' or a --config whose classes to use.")
     clip = _load_clip(cfg) if cfg is not None else None
     res = segment(args.image, names, checkpoint=args.checkpoint, clip=clip, pd_threshold=args.pd,
-                  test_size=cfg.test_size if cfg is not None else None)
+                  test_size=cfg.test_size if cfg is not None else None, allow_legacy=args.allow_legacy_checkpoint)
     atomic_save_figure(res.figure, args.out, dpi=120)
     counts = {res.class_names[c]: int(n) for c, n in zip(*__import__("numpy").unique(res.mask, return_counts=True))}
     print(f"{res.model}: {counts} -> {args.out}")
@@ -147,6 +155,7 @@ COMMANDS = {"hypothesis": cmd_hypothesis, "train": cmd_train, "evaluate": cmd_ev
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m reclip_core`` and the ``reclip`` script; returns the exit status."""
     from .config import load_config
+    from .run_lock import RunFolderLocked
 
     args = _parser().parse_args(argv)
     try:
@@ -157,10 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Small models on a shared CPU run faster on one thread than on two contended ones.
             torch.set_num_threads(cfg.num_threads)
         return COMMANDS[args.command](args, cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, RunFolderLocked) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the run folder's lock was released on the way out
+        print("error: interrupted; a training run continues from its last checkpoint when started again.",
+              file=sys.stderr)
+        return 130
     except Exception as err:
         # Runtime faults whose message already says what to do: no traceback to dig through.
         from .training import NonFiniteLossError

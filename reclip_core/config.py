@@ -11,6 +11,7 @@ otherwise be silently ignored and a long run would use the default.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ KNOWN_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toywor
 KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
 MODEL_KINDS = ("reclip++", "reclip")
 HYPOTHESIS_MODES = ("window", "threshold")
+# Release options: the first value is the project's choice (the default), the second the release's.
+CLASS_NAME_SETS = ("project", "release")
+HYPOTHESIS_TILINGS = ("fit", "release")
+HYPOTHESIS_CLIPS = ("model", "plain")
+LOSS_NORMALISATIONS = ("nonempty", "batch")
 BIAS_MODES = ("both", "class", "space")
 
 _REQUIRED = object()  # marker: the key has no default and must come from the file
@@ -53,10 +59,18 @@ SCHEMA: Dict[str, Key] = {
     "dataset": _k(str, _REQUIRED, "dataset reader name", choices=KNOWN_DATASETS),
     "profile": _k(str, "custom", "which settings these are", choices=KNOWN_PROFILES),
     "class_names": _k((str, list), None, "class list: a dataset name for class_names(), or a list", optional=True),
+    "class_name_set": _k(str, "project", "which list a dataset name reads: 'project' (class_names/<name>.txt) or "
+                         "'release' (class_names/release/<name>.txt, the strings the authors' checkpoints were "
+                         "trained with)", choices=CLASS_NAME_SETS),
     "num_classes": _k(int, None, "number of evaluated classes (checked against class_names)", optional=True),
     "test_size": _k(int, _REQUIRED, "evaluation short side (long side <= max_long_side)"),
     "crop": _k(int, _REQUIRED, "training crop side; also sets the hypothesis window int(crop/6)"),
     "pd_threshold": _k(float, _REQUIRED, "presence-filter threshold (PD)"),
+    "pd_scale": _k(float, 10.0, "PD softmax scale s: p = softmax(s · logits) (ReCLIP++'s 10)"),
+    "reclip_pd_threshold": _k(float, None, "PD threshold of a ReCLIP model's own head (release: TEST.ReCLIP_PD; "
+                              "None: pd_threshold)", optional=True),
+    "reclip_pd_scale": _k(float, None, "PD softmax scale of a ReCLIP model's own head (release: 100; None: "
+                          "pd_scale)", optional=True),
     "max_epoch": _k(int, _REQUIRED, "MAX_EPOCH of the poly schedule"),
     "epoch": _k(int, _REQUIRED, "EPOCH: training stops after this many epochs"),
     "batch_size": _k(int, _REQUIRED, "global batch size (split over DDP processes)"),
@@ -65,6 +79,11 @@ SCHEMA: Dict[str, Key] = {
     "weight_decay": _k(float, 5e-4, "SGD weight decay"),
     "hypothesis_window": _k(int, None, "window side in pixels (None: int(crop/6))", optional=True),
     "hypothesis_stride": _k(int, None, "window stride (None: int(window/2))", optional=True),
+    "hypothesis_tiling": _k(str, "fit", "window starts: 'fit' (every window that fits; one clipped window on a "
+                            "smaller image) or 'release' (starts strictly below H - w and W - w)",
+                            choices=HYPOTHESIS_TILINGS),
+    "hypothesis_clip": _k(str, "model", "CLIP of the hypotheses: 'model' (with clip.ln_eps / clip.cls_token) or "
+                          "'plain' (CLIP's own eps and class embedding, as the release)", choices=HYPOTHESIS_CLIPS),
     "reduce_zero_label": _k(bool, False, "label 0 is background -> ignore (reader option)"),
     "data_root": _k(str, None, "dataset root folder (None: the reader's default)", optional=True),
     "clip": {
@@ -81,6 +100,8 @@ SCHEMA: Dict[str, Key] = {
     "bias_mode": _k(str, "both", "ReCLIP++ bias ablation", choices=BIAS_MODES),
     "gumbel_scale": _k(float, None, "scale of the logits inside the loss's Gumbel-Softmax (None: the method's "
                        "constant, 100 for ReCLIP++ and 1000 for ReCLIP; other values are ablations)", optional=True),
+    "loss_normalisation": _k(str, "nonempty", "divisor of a batch's loss: 'nonempty' (images with a hypothesis) "
+                             "or 'batch' (the batch size, as the release)", choices=LOSS_NORMALISATIONS),
     "score_scale": _k((float, str), None, "scale s of the loss's class scores s · pooled_k · textᵀ (None: the method's "
                       "100, OpenAI CLIP's logit scale; 'clip': this CLIP's own logit scale exp(logit_scale), "
                       "≈ 100 for OpenAI's; a number: an ablation)", optional=True),
@@ -193,6 +214,9 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
         raise ValueError(
             f"config key {dotted!r} expects {_type_name(key)}, got {value!r} ({type(value).__name__})."
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML reads `.nan` / `.inf` as floats: a NaN lr would train NaN weights and save them as "good"
+        raise ValueError(f"config key {dotted!r} must be a finite number, got {value!r}.")
     if key.choices is not None and value not in key.choices:
         what = {"dataset": "dataset", "profile": "profile"}.get(dotted, "value")
         raise ValueError(f"unknown {what} {value!r} for {dotted!r}; valid: {', '.join(map(str, key.choices))}.")
@@ -251,17 +275,23 @@ def _check_constraints(c: Dict[str, Any]) -> None:
     if c["lr"] <= 0:
         raise ValueError(f"lr must be > 0, got {c['lr']}.")
     for k in ("hypothesis_window", "hypothesis_stride", "max_train_images", "max_val_images", "hypothesis_input_size",
-              "num_threads", "gumbel_scale"):
+              "num_threads", "gumbel_scale", "reclip_pd_scale"):
         if c[k] is not None and c[k] <= 0:
             raise ValueError(f"config key {k!r} must be > 0 or null, got {c[k]}.")
+    if c["pd_scale"] <= 0:
+        raise ValueError(f"config key 'pd_scale' must be > 0, got {c['pd_scale']}.")
     ss = c["score_scale"]
     if isinstance(ss, str) and ss != "clip" or isinstance(ss, float) and ss <= 0:
         raise ValueError(f"score_scale must be null (the method's 100), 'clip' (the CLIP's own logit scale) "
                          f"or a number > 0, got {ss!r}.")
     if c["num_workers"] < 0 or c["checkpoint_every"] < 0 or c["hypothesis_topk"] < 1:
         raise ValueError("num_workers and checkpoint_every must be >= 0 and hypothesis_topk >= 1.")
+    if not 0 <= c["momentum"] < 1 or c["weight_decay"] < 0:
+        raise ValueError(f"momentum must lie in [0, 1) and weight_decay be >= 0, got {c['momentum']} and "
+                         f"{c['weight_decay']}.")
     sr = c["scale_range"]
-    if len(sr) != 2 or not all(isinstance(x, (int, float)) for x in sr) or not 0 < sr[0] <= sr[1]:
+    if len(sr) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                               for x in sr) or not 0 < sr[0] <= sr[1]:
         raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {sr}.")
     ts = c["train_scale"]
     if ts is not None and (len(ts) != 2 or not all(isinstance(x, int) and x > 0 for x in ts)):
@@ -341,20 +371,22 @@ def load_config(name_or_path: Union[str, os.PathLike, Mapping[str, Any]],
 # Things every command derives from a config
 # ------------------------------------------------------------------------------------------------
 def resolve_class_names(cfg: Mapping[str, Any]) -> List[str]:
-    """The class list: ``class_names`` (list, or a dataset name) else ``text.class_names(dataset)``."""
+    """The class list: ``class_names`` (list, or a dataset name) else ``text.class_names(dataset)``;
+    a dataset name reads the ``class_name_set`` list (the project's or the release's)."""
     from .text import class_names, validate_class_names
 
     cn = cfg.get("class_names")
+    source = cfg.get("class_name_set", "project")
     if isinstance(cn, list):
         names = validate_class_names(cn)
     elif isinstance(cn, str):
-        names = class_names(cn)
-    elif cfg["dataset"] == "toyworld":
+        names = class_names(cn, source=source)
+    elif cfg["dataset"] == "toyworld" and source == "project":
         from .datasets.toyworld import toyworld_class_names
 
         names = toyworld_class_names(cfg.get("dataset_kwargs", {}).get("preset", "biased"))
     else:
-        names = class_names(cfg["dataset"])
+        names = class_names(cfg["dataset"], source=source)
     if cfg.get("num_classes") is not None and cfg["num_classes"] != len(names):
         raise ValueError(f"num_classes is {cfg['num_classes']} but the class list has {len(names)} names.")
     return names

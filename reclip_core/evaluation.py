@@ -149,6 +149,8 @@ def evaluate(
     batch_size: int = 1,
     bias_grid: Optional[int] = None,
     examples: int = 0,
+    pd_scale: float = 10.0,
+    model_pd: Optional[Tuple[float, float]] = None,
 ) -> EvalReport:
     """Score ``model`` on a labelled split (items ``{"id", "image", "label"}``).
 
@@ -158,11 +160,15 @@ def evaluate(
     one image at a time, up to float rounding; with varied image sizes batches are mostly 1).
     ``bias_grid`` also accumulates the class- and space-bias metrics of each head (no PD) on a
     ``bias_grid``×``bias_grid`` grid (``report.bias``); ``examples`` keeps the first images and
-    their predictions for figures (``report.examples``).
+    their predictions for figures (``report.examples``). PD: softmax(``pd_scale``·logits) against
+    ``pd_threshold``; ``model_pd`` = (threshold, scale), by default the model's ``pd_rule`` (set by
+    ``training.build_model`` from ``rectify.presence_rule``), replaces that rule on the model's own
+    heads (``rectified``, ``reclip++``); MaskCLIP keeps the first.
     """
     from tqdm.auto import tqdm
 
     model.eval()
+    model_pd = model_pd if model_pd is not None else getattr(model, "pd_rule", None)
     device = model.clip.visual.conv1.weight.device
     patch = _patch(model)
     names = list(model.class_names)
@@ -202,7 +208,8 @@ def evaluate(
         groups = [list(range(len(buffer)))] if same else [[j] for j in range(len(buffer))]
         for head, by_tag in state["metrics"].items():
             logits = out[HEAD_KEYS[head]]
-            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
+            pd_t, pd_s = model_pd if model_pd is not None and head != "maskclip" else (pd_threshold, pd_scale)
+            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_t, scale=pd_s))):
                 for js in groups:
                     up = upsample_logits(lg[js], patch, tuple(x.shape[-2:]), tuple(labels[js[0]].shape[-2:]))
                     target = torch.from_numpy(np.stack([labels[j] for j in js]).astype(np.int64))
@@ -248,31 +255,51 @@ def evaluate_run(
     clip: Optional[nn.Module] = None,
     progress: bool = True,
     save: bool = True,
+    allow_legacy: bool = False,
 ) -> EvalReport:
     """Evaluate a trained run (default: the last checkpoint in ``<run>/checkpoints``) with MaskCLIP,
     rectification and ReCLIP++ side by side; saves to ``<run>/eval``. Without any checkpoint (none
-    given and none in the run) only MaskCLIP is evaluated."""
+    given and none in the run) only MaskCLIP is evaluated.
+
+    The checkpoint is checked before anything is computed (classes, CLIP weights, templates, every
+    tensor: ``checkpoint.load_model_weights``; ``allow_legacy`` accepts one predating the CLIP/template
+    record), so a refused one never replaces ``eval/``. With ``save`` the run folder's lock is held
+    throughout: a concurrent writer (train, another evaluate) is refused, not interleaved."""
+    from .run_lock import run_folder_lock
+
+    run = Path(run_dir) if run_dir is not None else Path(cfg["output_dir"] or Path("runs") / getattr(cfg, "name", "custom"))
+    args = (cfg, checkpoint, run, dataset, clip, progress, save, allow_legacy)
+    if not save:
+        return _evaluate_run(*args)
+    with run_folder_lock(run, "evaluate"):
+        return _evaluate_run(*args)
+
+
+def _evaluate_run(cfg: Mapping[str, Any], checkpoint: Optional[os.PathLike], run: Path, dataset, clip: Optional[nn.Module],
+                  progress: bool, save: bool, allow_legacy: bool) -> EvalReport:
     from .checkpoint import find_checkpoint, load_model_weights
     from .config import build_dataset
     from .training import build_model
 
-    run = Path(run_dir) if run_dir is not None else Path(cfg["output_dir"] or Path("runs") / getattr(cfg, "name", "custom"))
     ck = Path(checkpoint) if checkpoint is not None else (run / "checkpoints" if find_checkpoint(run) else None)
     if dataset is None:
         dataset = build_dataset(cfg, cfg["val_split"])
     info: Dict[str, Any] = {"config": getattr(cfg, "name", "custom")}
     if ck is None:
-        warnings.warn(f"no checkpoint in {run}: evaluating MaskCLIP only (train first for ReCLIP++).", stacklevel=2)
+        warnings.warn(f"no checkpoint in {run}: evaluating MaskCLIP only (train first for ReCLIP++).", stacklevel=3)
         model = build_model(cfg, clip=clip, kind="maskclip")
     else:
         model = build_model(cfg, clip=clip)
-        state = load_model_weights(model, ck)
+        state = load_model_weights(model, ck, allow_legacy=allow_legacy)
         info.update(checkpoint=str(ck), epoch=state.get("epoch"), step=state.get("step"), finished=state.get("finished"))
         if state and not state.get("finished", False):
             warnings.warn(f"evaluating an unfinished run: checkpoint at epoch {state.get('epoch')} of "
-                          f"{cfg['epoch']}.", stacklevel=2)
+                          f"{cfg['epoch']}.", stacklevel=3)
+    if getattr(model, "pd_rule", None) is not None:
+        info["pd_rule"] = {"threshold": model.pd_rule[0], "scale": model.pd_rule[1]}
     report = evaluate(model, dataset, cfg["test_size"], cfg["pd_threshold"], cfg["max_long_side"],
-                      max_images=cfg["max_val_images"], progress=progress, batch_size=cfg["eval_batch_size"])
+                      max_images=cfg["max_val_images"], progress=progress, batch_size=cfg["eval_batch_size"],
+                      pd_scale=cfg.get("pd_scale", 10.0))
     report.info.update(info)
     if save:
         report.save(run / "eval")

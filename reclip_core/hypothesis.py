@@ -45,12 +45,15 @@ def window_vote(
     batch_size: int = 256,
     ln_eps: Optional[float] = None,
     cls_token: Any = None,
+    tiling: str = "fit",
 ) -> Iterator[Tuple[str, List[int]]]:
     """ReCLIP++ hypotheses: yields ``(id, sorted class indices)`` per image, in input order.
 
     Windows of consecutive images are packed into CLIP forwards of at most ``batch_size`` windows,
     so memory is bounded however many windows an image has. ``input_size`` defaults to the CLIP's
-    own pretraining size (224 for ViT-B/16, the toy CLIP's 64).
+    own pretraining size (224 for ViT-B/16, the toy CLIP's 64). ``tiling`` chooses the window grid
+    (``transforms.window_boxes``: "fit" or the release's "release", where an image no larger than
+    the window has no window and an empty hypothesis).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -87,7 +90,7 @@ def window_vote(
         img = to_image_tensor(image)
         slot = len(order)
         order.append(str(image_id))
-        boxes = window_boxes(img.shape[-2], img.shape[-1], window, stride)
+        boxes = window_boxes(img.shape[-2], img.shape[-1], window, stride, tiling)
         votes[slot], remaining[slot] = set(), len(boxes)
         queue.extend((slot, img, b) for b in boxes)
         while len(queue) >= batch_size:
@@ -154,7 +157,40 @@ def load_hypotheses(path: Union[str, os.PathLike], class_names: Optional[Sequenc
     if class_names is not None and list(class_names) != data["class_names"]:
         raise ValueError(f"{p} was computed for classes {data['class_names'][:5]}... (C={len(data['class_names'])}), "
                          f"not for the {len(class_names)} classes given; recompute it.")
-    return {str(k): [int(c) for c in v] for k, v in data["hypotheses"].items()}
+    return check_hypotheses(data.get("hypotheses"), len(data["class_names"]), p)
+
+
+def check_hypotheses(hyps: Any, num_classes: int, source: Union[str, os.PathLike]) -> Hypotheses:
+    """{image id: class indices} with every index an int in 0..C-1, once per image; else ValueError.
+
+    Why strict: ``int()`` would read ``"12"`` or ``1.9`` as other classes, ``True`` as class 1, and a
+    negative index picks a class from the end of the list; each silently trains on wrong classes."""
+    fix = f"recompute it with `python -m reclip_core hypothesis --config ... --no-resume` or fix {source} by hand."
+    if not isinstance(hyps, Mapping):
+        raise ValueError(f"{source}: 'hypotheses' must map image ids to lists of class indices; {fix}")
+    out: Hypotheses = {}
+    for image_id, classes in hyps.items():
+        if not isinstance(classes, list):
+            raise ValueError(f"{source}: image {image_id!r} has {classes!r}, not a list of class indices; {fix}")
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+                raise ValueError(f"{source}: image {image_id!r} has the class index {c!r}; indices must be integers "
+                                 f"in 0..{num_classes - 1} (the file's {num_classes} classes). {fix[0].upper()}{fix[1:]}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"{source}: image {image_id!r} lists a class twice ({classes}); {fix}")
+        out[str(image_id)] = list(classes)
+    return out
+
+
+def require_some_hypothesis(hyps: Mapping[str, Sequence[int]], dataset: Any, source: Union[str, os.PathLike]) -> None:
+    """Refuse to train when no training image has a hypothesis class: every step would be skipped
+    (nothing to learn from) and the run would still report itself finished."""
+    ids = getattr(dataset, "ids", None)
+    chosen = [hyps.get(str(i)) for i in ids] if ids is not None else list(hyps.values())
+    if not any(chosen):
+        raise ValueError(f"none of the {len(chosen)} training images has a hypothesis class in {source}: "
+                         "training would take no step. Recompute the hypotheses (`python -m reclip_core hypothesis "
+                         "--config ... --no-resume`, e.g. with another hypothesis_window or hypothesis_threshold).")
 
 
 def _iter_items(dataset, skip: set) -> Iterator[Tuple[str, Any]]:
@@ -185,6 +221,7 @@ def compute_hypotheses(
     templates: Optional[Sequence[str]] = None,
     ln_eps: Optional[float] = None,
     cls_token: Any = None,
+    tiling: str = "fit",
     resume: bool = True,
     save_every: int = 500,
     progress: bool = True,
@@ -215,6 +252,8 @@ def compute_hypotheses(
                 "clip_weights": clip_fingerprint(clip)}
     if mode == "window":
         settings.update(window=int(window), stride=int(stride))
+        if tiling != "fit":  # files of the default grid keep the settings they always had
+            settings["tiling"] = tiling
     else:
         settings.update(threshold=float(threshold), topk=int(topk))
     out_path = Path(out_path)
@@ -225,7 +264,7 @@ def compute_hypotheses(
         if old.get("class_names") != names or old.get("settings") != settings:
             raise StaleFileError(out_path, f"{out_path} holds hypotheses computed with other settings or classes "
                                  f"({old.get('settings')}); delete it, choose another path, or pass resume=False.")
-        done = {str(k): list(v) for k, v in old["hypotheses"].items()}
+        done = check_hypotheses(old.get("hypotheses"), len(names), out_path)  # never extend a damaged file
 
     def write():
         atomic_write_json(out_path, {"format": FORMAT, "version": 1, "class_names": names,
@@ -235,7 +274,7 @@ def compute_hypotheses(
     subset = dataset if max_images is None else Head(dataset, n_total)
     items = _iter_items(subset, set(done))
     if mode == "window":
-        stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token)
+        stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token, tiling)
     else:
         stream = threshold_topk(clip, items, text, threshold, topk, size, batch_size, ln_eps, cls_token)
     bar = tqdm(total=n_total, initial=min(len(done), n_total), desc=f"hypotheses ({mode})",
@@ -283,21 +322,27 @@ def hypothesis_stats(hyps: Hypotheses, num_classes: int) -> Dict[str, Any]:
             "empty": sum(1 for s in sizes if s == 0), "images_per_class": per_class}
 
 
-__all__ = ("window_vote", "threshold_topk", "compute_hypotheses", "load_hypotheses", "hypothesis_stats", "FORMAT")
+__all__ = ("window_vote", "threshold_topk", "compute_hypotheses", "load_hypotheses", "hypothesis_stats", "FORMAT",
+           "check_hypotheses", "require_some_hypothesis")
 
 
 def hypotheses_from_config(cfg: Mapping[str, Any], clip: nn.Module, split: str, out_path: Union[str, os.PathLike],
                            text: Optional[torch.Tensor] = None, resume: bool = True,
                            progress: bool = True) -> Hypotheses:
     """The hypotheses of ``split`` with every setting taken from a run config (what the CLI's
-    ``hypothesis`` command and the notebooks both call)."""
+    ``hypothesis`` command and the notebooks both call).
+
+    ``hypothesis_clip: plain`` encodes the windows with CLIP's own LayerNorm eps and class
+    embedding whatever ``clip.ln_eps`` / ``clip.cls_token`` say, as the release does (its
+    hypotheses come from an unmodified CLIP); ``model`` applies them to the windows too."""
     from .config import build_dataset, resolve_class_names, resolve_templates
 
     limit = cfg["max_train_images"] if split == cfg["train_split"] else cfg["max_val_images"]
+    plain = cfg.get("hypothesis_clip", "model") == "plain"
     return compute_hypotheses(
         clip, build_dataset(cfg, split), resolve_class_names(cfg), out_path, text=text,
         mode=cfg["hypothesis_mode"], window=cfg.window, stride=cfg.stride,
         input_size=cfg["hypothesis_input_size"], batch_size=cfg["hypothesis_batch_size"],
         threshold=cfg["hypothesis_threshold"], topk=cfg["hypothesis_topk"], templates=resolve_templates(cfg),
-        ln_eps=cfg["clip"]["ln_eps"], cls_token=cfg["clip"]["cls_token"], resume=resume, progress=progress,
-        max_images=limit)
+        ln_eps=None if plain else cfg["clip"]["ln_eps"], cls_token=None if plain else cfg["clip"]["cls_token"],
+        tiling=cfg.get("hypothesis_tiling", "fit"), resume=resume, progress=progress, max_images=limit)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 Hypotheses = Union[torch.Tensor, Sequence[Sequence[int]]]
+#: divisor of a batch's loss: images with a hypothesis (the project) or the batch size (the release)
+NORMALISATIONS = ("nonempty", "batch")
 
 
 def gumbel_softmax_hard(
@@ -52,11 +54,14 @@ def gumbel_masked_contrastive_loss(
     score_scale: float = 100.0,
     generator: Optional[torch.Generator] = None,
     return_masks: bool = False,
+    normalisation: str = "nonempty",
 ):
     """Loss per image: m = hard GumbelSoftmax(gumbel_scale · logits) over classes; for every
     hypothesis class k, pooled_k = Σ_pixels feat·m_k / (h·w) (divided by the image area, not the
     mask area); scores_k = score_scale · pooled_k · textᵀ; cross-entropy(scores_k, k). Mean over the
-    image's hypothesis classes, then over images with a non-empty hypothesis.
+    image's hypothesis classes, then over the batch: ``normalisation="nonempty"`` averages over the
+    images with a non-empty hypothesis; ``"batch"`` (the release) sums and divides by B, so an
+    image with an empty hypothesis adds 0 but still counts.
 
     All C classes are scored at once ([B, C, C] scores) and masked afterwards, which equals the
     per-class loop of the release.
@@ -64,6 +69,8 @@ def gumbel_masked_contrastive_loss(
     if logits.ndim != 4 or feat.ndim != 4 or logits.shape[0] != feat.shape[0] or logits.shape[-2:] != feat.shape[-2:]:
         raise ValueError(f"expected logits [B, C, h, w] and feat [B, D, h, w] of equal B, h, w; "
                          f"got {tuple(logits.shape)} and {tuple(feat.shape)}.")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
     B, C, h, w = logits.shape
     mask = hypotheses_to_mask(hypotheses, B, C, device=logits.device)
     m = gumbel_softmax_hard(gumbel_scale * logits, tau=tau, dim=1, generator=generator)  # [B, C, h, w]
@@ -76,6 +83,9 @@ def gumbel_masked_contrastive_loss(
     has_hyp = n_per_image > 0
     if not has_hyp.any():
         loss = (logits.sum() * 0.0).float()  # keeps the graph; nothing to learn from this batch
+    elif normalisation == "batch":
+        # release: loss = Σ_images loss_i / B, with loss_i = 0 for an empty hypothesis
+        loss = ((ce * weights).sum(dim=1)[has_hyp] / n_per_image[has_hyp]).sum() / B
     else:
         per_image = (ce * weights).sum(dim=1)[has_hyp] / n_per_image[has_hyp]
         loss = per_image.mean()

@@ -30,6 +30,8 @@ class _CLIPSegmenter(nn.Module):
     gumbel_scale: float = 100.0
     #: scale of the loss's class scores (method.md §3: 100, OpenAI CLIP's logit scale)
     score_scale: float = 100.0
+    #: divisor of a batch's loss: "nonempty" (images with a hypothesis) or "batch" (the release)
+    loss_normalisation: str = "nonempty"
 
     def __init__(
         self,
@@ -199,6 +201,7 @@ class ReCLIPPP(_CLIPSegmenter):
         return gumbel_masked_contrastive_loss(
             out["logits"], out["feat"], self.text, hypotheses, gumbel_scale=self.gumbel_scale,
             score_scale=self.score_scale, generator=generator, return_masks=return_masks,
+            normalisation=self.loss_normalisation,
         )
 
 

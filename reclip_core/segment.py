@@ -60,7 +60,7 @@ def overlay_figure(image: ImageLike, mask: np.ndarray, class_names: Sequence[str
 
 
 def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Sequence[str], clip: Optional[nn.Module],
-                         device: Any) -> tuple:
+                         device: Any, allow_legacy: bool = False) -> tuple:
     from .checkpoint import find_checkpoint, load_model_weights
     from .config import validate
     from .model import ReCLIPPP
@@ -79,12 +79,12 @@ def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Seque
 
         cfg = validate(state["config"])
         model = build_model(cfg, clip=clip, device=device)
-        load_model_weights(model, latest)
+        load_model_weights(model, latest, allow_legacy=allow_legacy)
         return model, cfg["model"], cfg["test_size"]
     # a bare .safetensors / the authors' best_weight.pth: the paper's backbone unless one is given
     clip = clip if clip is not None else load_clip(device=device)
     model = ReCLIPPP(clip, class_names)
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, checkpoint, allow_legacy=allow_legacy)
     return model.to(device), "reclip++", None
 
 
@@ -99,13 +99,16 @@ def segment(
     pd_threshold: Optional[float] = None,
     device: Any = "auto",
     templates: Optional[Sequence[str]] = None,
+    allow_legacy: bool = False,
 ) -> SegmentResult:
     """Segment ``image`` (PIL, array, tensor or a path) into ``class_names``.
 
     ``checkpoint=None``: MaskCLIP with ``clip`` (default: ``load_clip()``, the paper's ViT-B/16).
     Otherwise a run/checkpoint folder (its config rebuilds the model), a ``.safetensors`` file or the
     authors' ``best_weight.pth``. ``test_size`` (short side) defaults to the checkpoint's config, else
-    the image's own short side (at most 448). ``pd_threshold`` enables the presence filter.
+    the image's own short side (at most 448). ``pd_threshold`` enables the presence filter. A checkpoint
+    trained with another CLIP or templates, or holding invalid tensors, is refused
+    (``checkpoint.load_model_weights``); ``allow_legacy`` accepts one predating the CLIP/template record.
     """
     from .backbone import load_clip, resolve_device
     from .evaluation import upsample_logits
@@ -124,7 +127,7 @@ def segment(
         model = MaskCLIP(clip, names, templates=templates or PROMPT_TEMPLATES).to(dev)
         kind, ck_size = "maskclip", None
     else:
-        model, kind, ck_size = _load_for_checkpoint(checkpoint, names, clip, dev)
+        model, kind, ck_size = _load_for_checkpoint(checkpoint, names, clip, dev, allow_legacy)
     model.eval()
     h, w = to_image_tensor(image).shape[-2:]
     size = test_size or ck_size or min(h, w, 448)

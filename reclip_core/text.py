@@ -10,6 +10,8 @@ from torch import nn
 
 CLASS_NAME_DIR = Path(__file__).parent / "class_names"
 DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toyworld")
+#: the project's class lists, or the release's exact strings (the benchmarks only)
+CLASS_NAME_SOURCES = ("project", "release")
 
 # The five scene templates the release adds to CLIP's 80 ImageNet templates.
 SCENE_TEMPLATES = (
@@ -53,15 +55,28 @@ def validate_class_names(names: Sequence[str]) -> List[str]:
     return names
 
 
-def class_names(dataset: str) -> List[str]:
-    """The class list of a dataset in the release's evaluation order."""
-    if dataset == "toyworld":
+def class_names(dataset: str, source: str = "project") -> List[str]:
+    """The class list of a dataset in the release's evaluation order.
+
+    ``source="project"``: the project's names (``class_names/<dataset>.txt``). ``source="release"``:
+    the exact strings of the authors' release (``class_names/release/<dataset>.txt``), which differ
+    in a few names ("airplane" for "aeroplane", COCO-Stuff's "food things"...). The Reference prompt
+    tokenizes the names and the text features encode them, so a released checkpoint only means
+    what it was trained for with these strings.
+    """
+    if source not in CLASS_NAME_SOURCES:
+        raise ValueError(f"unknown class-name source {source!r}; valid: {', '.join(CLASS_NAME_SOURCES)}.")
+    if dataset == "toyworld" and source == "project":
         from .datasets.toyworld import toyworld_class_names
 
         return toyworld_class_names()
-    path = CLASS_NAME_DIR / f"{dataset}.txt"
+    folder = CLASS_NAME_DIR if source == "project" else CLASS_NAME_DIR / "release"
+    path = folder / f"{dataset}.txt"
     if dataset not in DATASETS or not path.is_file():
-        raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}.")
+        if source == "project":
+            raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}.")
+        valid = ", ".join(sorted(p.stem for p in folder.glob("*.txt")))
+        raise ValueError(f"the release has no class list for {dataset!r}; release lists: {valid}.")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     return validate_class_names([ln for ln in lines if ln and not ln.startswith("#")])
 
@@ -97,5 +112,5 @@ def text_embeddings(
     return F.normalize(feats, dim=-1)
 
 
-__all__ = ("PROMPT_TEMPLATES", "SCENE_TEMPLATES", "DATASETS", "class_names", "text_embeddings",
+__all__ = ("PROMPT_TEMPLATES", "SCENE_TEMPLATES", "DATASETS", "CLASS_NAME_SOURCES", "class_names", "text_embeddings",
            "validate_class_names", "tokenize")

@@ -35,9 +35,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from .hypothesis import Head  # the 'first n items' view shared with the hypothesis pass
+from .hypothesis import Head, require_some_hypothesis  # shared with the hypothesis pass
 from .atomic_io import StaleFileError, atomic_save_safetensors, atomic_write_csv, atomic_write_json
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint_checks import checkpoint_identity, validate_weights
 from .transforms import TrainTransform, sample_seed, train_transform_from_config
 
 LABEL_KEYS = ("label", "mask", "labels", "masks", "seg", "gt")
@@ -230,6 +231,13 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
         raise ValueError(f"unknown model kind {kind!r}; use 'reclip++', 'reclip' or 'maskclip'.")
     if cfg["gumbel_scale"] is not None and kind != "maskclip":  # > 0, checked with the config
         model.gumbel_scale = float(cfg["gumbel_scale"])  # an instance attribute shadows the class constant
+    if kind != "maskclip":
+        from .rectify import presence_rule
+
+        model.loss_normalisation = cfg.get("loss_normalisation", "nonempty")
+        rule = presence_rule(cfg, kind)
+        if rule != (float(cfg["pd_threshold"]), 10.0):
+            model.pd_rule = rule  # the PD of this model's own heads (evaluation.evaluate reads it)
     if cfg["score_scale"] is not None and kind != "maskclip":
         # 'clip': the loss scores regions on this CLIP's own temperature. The method's 100 *is*
         # OpenAI CLIP's; on a CLIP that learned a lower one (the toy CLIP: 20.8) 100 saturates the
@@ -329,7 +337,18 @@ def _log(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
-def train(
+def train(cfg: Mapping[str, Any], *, run_dir: Optional[os.PathLike] = None, **kwargs: Any) -> TrainResult:
+    """Train the model of ``cfg`` on the unlabeled ``train_split`` with its hypotheses (see :func:`_train`
+    for the arguments), holding the run folder's lock: a second writer is refused
+    (:class:`~reclip_core.run_lock.RunFolderLocked`) instead of interleaving with this one."""
+    from .run_lock import run_folder_lock
+
+    run = Path(run_dir) if run_dir is not None else Path(cfg["output_dir"] or Path("runs") / getattr(cfg, "name", "custom"))
+    with run_folder_lock(run, "train"):
+        return _train(cfg, run_dir=run, **kwargs)
+
+
+def _train(
     cfg: Mapping[str, Any],
     *,
     dataset=None,
@@ -372,10 +391,12 @@ def train(
         dataset = Head(dataset, cfg["max_train_images"])
     if hypotheses is None:
         hypotheses = load_hypotheses(run / "hypotheses.json", names)
+    require_some_hypothesis(hypotheses, dataset, run / "hypotheses.json")
 
     torch.manual_seed(cfg["seed"])  # identical head initialisation on every rank
     model = build_model(cfg, clip=clip, device=device)
     fingerprint = _jsonable(config_fingerprint(cfg, model.clip))  # hashes CLIP weights: once per run
+    identity = checkpoint_identity(model)  # what evaluate/segment check the heads against
     _ = model.text  # text features once, before any wrapping
     views = TrainViews(dataset, hypotheses, len(names), train_transform_from_config(cfg), seed=cfg["seed"])
     data: Dataset = views
@@ -396,9 +417,11 @@ def train(
     latest = find_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         ck = load_checkpoint(ckpt_dir)
-        if ck.state.get("fingerprint") != fingerprint:
-            raise StaleFileError(run, f"{ckpt_dir} holds a run with a different config; use another output_dir "
+        if ck.state.get("fingerprint") != fingerprint or ck.state.get("identity") != identity:
+            raise StaleFileError(run, f"{ckpt_dir} holds a run with a different config (or one written before "
+                                 "checkpoints recorded their CLIP weights and templates); use another output_dir "
                                  "or pass resume=False (--no-resume) to start over.")
+        validate_weights(ck.weights, model, ckpt_dir / ck.state["weights"])
         model.load_trainable_state_dict({k: v.to(device) for k, v in ck.weights.items()})
         optimizer.load_state_dict(ck.optimizer)
         start_epoch, skip_batches, global_step = ck.state["epoch"], ck.state["step_in_epoch"], ck.state["step"]
@@ -423,12 +446,18 @@ def train(
         return {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": global_step, "finished": finished,
                 "loss": loss, "steps_per_epoch": steps_per_epoch, "world_size": world,
                 "class_names": names, "config": _jsonable(dict(cfg)),
-                "fingerprint": fingerprint, "torch": torch.__version__,
+                "fingerprint": fingerprint, "identity": identity, "torch": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def checkpoint(epoch: int, step_in_epoch: int, finished: bool, loss: float) -> None:
+        weights = model.trainable_state_dict()
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a finite loss does not prove finite weights (e.g. a huge lr): never save them as "good"
+            raise NonFiniteLossError(
+                f"training stopped: the trained tensors {bad[:3]} became non-finite by step {global_step} although the "
+                f"loss was finite; they were not saved. {_retry_advice(find_checkpoint(ckpt_dir))}")
         if rank == 0:
-            save_checkpoint(ckpt_dir, model.trainable_state_dict(), state(epoch, step_in_epoch, finished, loss),
+            save_checkpoint(ckpt_dir, weights, state(epoch, step_in_epoch, finished, loss),
                             optimizer.state_dict(), keep=cfg["keep_checkpoints"])
             _write_losses(run / "loss.csv", rows)
         if world > 1:
@@ -445,14 +474,13 @@ def train(
         loader = DataLoader(data, batch_sampler=batches, num_workers=cfg["num_workers"])
         model.train()
         for it, batch in enumerate(loader, start=skip_batches):
-            loss_value, n_images = _step(net, model, optimizer, batch, device, cfg["seed"], epoch, world)
+            loss_value, n_images = _step(net, model, optimizer, batch, device, cfg["seed"], epoch, world,
+                                         cfg.get("loss_normalisation", "nonempty"))
             if not math.isfinite(loss_value):
                 _write_losses(run / "loss.csv", rows) if rank == 0 else None
                 raise NonFiniteLossError(
                     f"training stopped: non-finite loss or gradient ({loss_value}) at epoch {epoch + 1}, batch {it + 1} "
-                    f"(step {global_step + 1}). The weights were not updated; the last good checkpoint is "
-                    f"{find_checkpoint(ckpt_dir) or 'none (none was written yet)'}. Resume from it with a lower "
-                    "learning rate (--set lr=...) or check the input images.")
+                    f"(step {global_step + 1}). The weights were not updated. {_retry_advice(find_checkpoint(ckpt_dir))}")
             global_step += 1
             last_loss = loss_value
             rows.append({"step": global_step, "epoch": epoch + 1, "iteration": it + 1, "lr": lr,
@@ -482,8 +510,12 @@ def train(
 
 
 def _step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, torch.Tensor],
-          device: torch.device, seed: int, epoch: int, world: int) -> Tuple[float, int]:
+          device: torch.device, seed: int, epoch: int, world: int,
+          normalisation: str = "nonempty") -> Tuple[float, int]:
     """One optimisation step; returns (global mean loss, images with a hypothesis in the global batch).
+
+    ``normalisation``: the loss is the sum over the global batch divided by the images with a
+    hypothesis ("nonempty") or by the global batch size ("batch", the release's divisor).
 
     The loss of each image uses its own Gumbel generator (seeded by seed, epoch, index), so the
     noise of an image does not depend on which process or batch position it lands in."""
@@ -503,9 +535,11 @@ def _step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, ba
         dist.all_reduce(counts)
     n_global, sum_global = int(counts[0].item()), float(counts[1].item())
     # Each process's loss is scaled so that DDP's gradient average equals the gradient of the
-    # mean over all images of the global batch (images with an empty hypothesis add nothing).
-    loss = local_sum * (world / max(n_global, 1))
-    mean_loss = sum_global / max(n_global, 1)
+    # global loss Σ_images loss_i / n; n counts the images with a hypothesis, or every image of the
+    # global batch with "batch" (an empty hypothesis then adds 0 but counts).
+    divisor = max(n_global, 1) if normalisation == "nonempty" else len(batch["index"]) * world
+    loss = local_sum * (world / divisor)
+    mean_loss = sum_global / divisor
     if not math.isfinite(mean_loss):
         return mean_loss, n_global
     optimizer.zero_grad(set_to_none=True)
@@ -519,6 +553,14 @@ def _step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, ba
     if n_global > 0:  # a batch without any hypothesis class has nothing to learn from
         optimizer.step()
     return mean_loss, n_global
+
+
+def _retry_advice(last_good: Optional[Path]) -> str:
+    """What to do after a non-finite loss. Resuming continues the same config (lr included: a changed
+    lr would break the exact-resume guarantee and is refused), so the advice is a fresh run."""
+    kept = f"The last good checkpoint is {last_good} (left untouched)." if last_good else "No checkpoint was written yet."
+    return (f"{kept} Retry with a lower learning rate in a new run: --no-resume --set lr=... (or --set "
+            "output_dir=<new folder> to keep this one), or check the input images.")
 
 
 def _jsonable(obj: Any) -> Any:

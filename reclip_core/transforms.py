@@ -227,13 +227,26 @@ def eval_preprocess(image: ImageLike, test_size: int, max_long_side: int = 2048)
     return normalize(img).unsqueeze(0)
 
 
-def window_boxes(h: int, w: int, window: int, stride: int) -> list:
-    """Top-left corners (y, x) of the square windows of side ``window`` and step ``stride`` that fit
-    inside an h × w image. An image smaller than the window yields one window at (0, 0) (clipped)."""
+def window_boxes(h: int, w: int, window: int, stride: int, tiling: str = "fit") -> list:
+    """Top-left corners (y, x), row by row, of the square windows of side ``window`` and step
+    ``stride`` over an h × w image.
+
+    ``tiling="fit"``: every window that fits, including one ending exactly at the bottom or right
+    edge; an image smaller than the window yields one window at (0, 0) (clipped). ``"release"``:
+    the authors' grid, starts strictly below h − window and w − window, so a window that would end
+    at the edge is not taken and an image no larger than the window has none (its hypothesis is
+    empty).
+    """
     if window <= 0 or stride <= 0:
         raise ValueError(f"window and stride must be positive, got {window} and {stride}.")
-    ys = list(range(0, max(h - window, 0) + 1, stride))
-    xs = list(range(0, max(w - window, 0) + 1, stride))
+    if tiling == "release":
+        # y ∈ {0, s, 2s, ...} with y < H − w (and the same for x)
+        ys, xs = range(0, h - window, stride), range(0, w - window, stride)
+    elif tiling == "fit":
+        # y ∈ {0, s, 2s, ...} with y ≤ max(H − w, 0)
+        ys, xs = range(0, max(h - window, 0) + 1, stride), range(0, max(w - window, 0) + 1, stride)
+    else:
+        raise ValueError(f"tiling must be 'fit' or 'release', got {tiling!r}.")
     return [(y, x) for y in ys for x in xs]
 
 

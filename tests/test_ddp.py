@@ -40,7 +40,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     from reclip_core.hypothesis import FORMAT
 
     world = ToyWorld("train", preset=str(tmp_path / "preset.yaml"), root=tmp_path / "world")
-    hyps = {world[i]["id"]: ([] if i % 5 == 4 else [i % 10, (3 * i) % 10]) for i in range(len(world))}
+    hyps = {world[i]["id"]: ([] if i % 5 == 4 else sorted({i % 10, (3 * i) % 10})) for i in range(len(world))}
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
