@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="convert only the first N images per split (a quick check; the manifest says so)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--max-expansion", type=float, default=None, metavar="R",
+                   help="refuse archives expanding to more than R times their size (default 50: a zip bomb)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="give up a download that has not finished after S seconds (default: by its size, "
+                        "at least 16 KiB/s on average)")
     p.add_argument("--registry", default=None, metavar="FILE",
                    help="archive registry to use instead of data_prep/archives.yaml (mirrors, tests)")
     return p
@@ -65,6 +70,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .prepare import prepare
 
     root = args.root or f"data/{args.dataset}"
+    import os
+
+    from .extract import EXPANSION_ENV
+    from .pace import DEADLINE_ENV
+
+    for env, value in ((EXPANSION_ENV, args.max_expansion), (DEADLINE_ENV, args.max_seconds)):
+        if value is not None:  # read where the archives are fetched and extracted
+            if not value > 0:
+                print(f"error: {'--max-expansion' if env == EXPANSION_ENV else '--max-seconds'} must be positive.",
+                      file=sys.stderr)
+                return 2
+            os.environ[env] = str(value)
     try:
         prepare(args.dataset, root, source=args.source, archives_dir=args.archives, cache_dir=args.cache_dir,
                 progress=not args.no_progress, keep_raw=not args.remove_raw,

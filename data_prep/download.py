@@ -55,6 +55,7 @@ REGISTRY_PATH = Path(__file__).with_name("archives.yaml")
 HASH_ALGOS = ("md5", "sha1", "sha256")
 CHUNK = 1 << 20
 USER_AGENT = "reclip-data-prep/1.0 (+python urllib)"
+from .pace import too_slow
 
 
 class ChecksumError(ValueError):
@@ -255,9 +256,16 @@ def _remote_total(resp, offset: int) -> Optional[int]:
     return None
 
 
+class DownloadTooSlow(DownloadError):
+    """The server sends too slowly for the download ever to finish in reasonable time."""
+
+
 def _download_once(url: str, part: Path, expected_size: Optional[int], progress: bool,
                    timeout: float, desc: str) -> None:
-    """One HTTP request, appending to ``part`` from its current size. Raises on a short read."""
+    """One HTTP request, appending to ``part`` from its current size. Raises on a short read, and
+    when the server is too slow (:func:`data_prep.pace.too_slow`; at most one socket ``timeout``
+    past the limit)."""
+    started = time.monotonic()
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None:
         if offset == expected_size:
@@ -290,12 +298,17 @@ def _download_once(url: str, part: Path, expected_size: Optional[int], progress:
             raise DownloadError(f"{url} serves {total} bytes but the registry records "
                                 f"{expected_size}: wrong file or moved URL.")
         with open(part, mode) as fh, _bar(total, offset, desc, progress) as bar:
-            while True:
-                buf = resp.read(CHUNK)
+            got = 0
+            while True:  # read1: whatever has arrived, so a trickle cannot block one read forever
+                buf = resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK)
                 if not buf:
                     break
                 fh.write(buf)
+                got += len(buf)
                 bar.update(len(buf))
+                why = too_slow(url, started, got)
+                if why:
+                    raise DownloadTooSlow(why)
     got = part.stat().st_size
     want = expected_size if expected_size is not None else total
     if want is not None and got < want:

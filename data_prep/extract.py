@@ -8,6 +8,10 @@ Device files and FIFOs are refused too. Nothing is extracted from a refused
 archive. A member replaces (never writes into) a file left at its path, so
 prepared images hard-linked to an earlier extraction keep their content.
 
+Before anything is written, the members' total uncompressed size is checked against the free
+space of the destination and against ``max_expansion`` times the archive's size (images barely
+compress, so a far higher ratio is a decompression bomb): :class:`ArchiveTooLargeError`.
+
 A completed extraction leaves a stamp (``.extracted-<archive name>.json``) in
 the destination, so a rerun skips it, and an interrupted one is redone.
 """
@@ -24,11 +28,43 @@ from typing import Callable, List, Optional
 
 from reclip_core.atomic_io import atomic_write_json
 
-__all__ = ["UnsafeArchiveError", "check_member_name", "safe_extract", "list_members"]
+__all__ = ["UnsafeArchiveError", "ArchiveTooLargeError", "check_member_name", "safe_extract", "list_members",
+           "check_expanded_size", "MAX_EXPANSION"]
+
+MAX_EXPANSION = 50.0  # uncompressed / archive size; benchmark archives (JPEG/PNG, JSON) stay below ~6
+EXPANSION_ENV = "RECLIP_MAX_EXTRACT_RATIO"  # what `python -m data_prep --max-expansion R` sets
 
 
 class UnsafeArchiveError(ValueError):
     """An archive member would be written (or point) outside the extraction root."""
+
+
+class ArchiveTooLargeError(ValueError):
+    """An archive would expand beyond the free disk space or the allowed expansion ratio."""
+
+
+def check_expanded_size(archive: Path, dest: Path, total: int, max_expansion: Optional[float] = None) -> None:
+    """Refuse, before writing anything, an archive whose members add up to more than the free space
+    at ``dest`` or to more than ``max_expansion`` × its own size."""
+    import shutil
+
+    if max_expansion is None:
+        raw = os.environ.get(EXPANSION_ENV, "").strip()
+        max_expansion = float(raw) if raw else MAX_EXPANSION
+    size = max(1, archive.stat().st_size)
+    if total > max_expansion * size:
+        raise ArchiveTooLargeError(
+            f"{archive.name}: its members add up to {total / 2**20:,.1f} MiB uncompressed, {total / size:,.0f} times "
+            f"the archive's {size / 2**20:,.2f} MiB (the limit is {max_expansion:g}x): likely a decompression bomb; "
+            "nothing was written. If you trust the archive, raise the limit with --max-expansion R.")
+    probe = dest
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if total > free:
+        raise ArchiveTooLargeError(
+            f"{archive.name}: extracting needs {total / 2**30:,.2f} GiB but {probe} has {free / 2**30:,.2f} GiB free; "
+            "nothing was written. Free space, or pass another --root.")
 
 
 def _norm(name: str) -> str:
@@ -130,12 +166,14 @@ def _stamp(dest: Path, archive: Path) -> Path:
 
 
 def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Callable[[str], bool]] = None,
-                 progress: bool = True, force: bool = False, tag: str = "") -> Path:
+                 progress: bool = True, force: bool = False, tag: str = "",
+                 max_expansion: Optional[float] = None) -> Path:
     """Extract the tar or zip archive ``path`` into ``dest`` after checking every member.
 
     ``include(relative_name) -> bool`` selects members (default: all). Returns ``dest``.
     ``tag`` is stored in the completion stamp: a different tag (e.g. another member
-    selection) makes a rerun extract again.
+    selection) makes a rerun extract again. ``max_expansion`` bounds the uncompressed size
+    (default ``$RECLIP_MAX_EXTRACT_RATIO`` or :data:`MAX_EXPANSION` times the archive's size).
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +193,7 @@ def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Call
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             members = _check_zip(path.name, zf, keep)
+            check_expanded_size(path, root, sum(i.file_size for i in members), max_expansion)
             for info in tqdm(members, desc=f"extract {path.name}", unit="file", disable=not progress, leave=False):
                 rel = check_member_name(path.name, info.filename)
                 out = (root / rel).resolve()
@@ -166,6 +205,7 @@ def safe_extract(path: os.PathLike, dest: os.PathLike, *, include: Optional[Call
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tf:
             members = _check_tar(path.name, tf, keep)
+            check_expanded_size(path, root, sum(m.size for m in members if m.isfile()), max_expansion)
             for m in tqdm(members, desc=f"extract {path.name}", unit="file", disable=not progress, leave=False):
                 if m.isfile():
                     _drop_old_file(root / check_member_name(path.name, m.name))

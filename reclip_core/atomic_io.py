@@ -272,8 +272,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], **save_kwargs: Any
     """``torch.save(obj)`` atomically (streams into the temp file; no full copy in memory)."""
     import torch
 
+    class _Recording:  # torch's writer swallows a failed write and fails later with "unexpected pos"
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.error = fh, None
+
+        def write(self, data: Any) -> int:
+            try:
+                return self.fh.write(data)
+            except OSError as err:
+                self.error = self.error or err
+                raise
+
+        def flush(self) -> None:
+            self.fh.flush()
+
     with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh, **save_kwargs)
+        rec = _Recording(fh)
+        try:
+            torch.save(obj, rec, **save_kwargs)
+        except RuntimeError:
+            if rec.error is not None:  # the real cause (e.g. ENOSPC): atomic_open reports a full disk
+                raise rec.error from None
+            raise
     return Path(path)
 
 

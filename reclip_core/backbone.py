@@ -102,7 +102,11 @@ def load_clip(
     if pretrained is None:
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
     elif os.path.isfile(str(pretrained)):
-        model = open_clip.create_model(arch, pretrained=str(pretrained), device="cpu")
+        try:
+            model = open_clip.create_model(arch, pretrained=str(pretrained), device="cpu")
+        except Exception as err:  # SafetensorError / UnpicklingError / RuntimeError for a damaged file
+            raise ValueError(f"CLIP weights file {pretrained} cannot be loaded for {arch!r} ({type(err).__name__}: "
+                             f"{err}); it is truncated, corrupt or of another architecture. Restore it.") from err
     else:
         known = {tag for name, tag in open_clip.list_pretrained() if name == arch}
         if pretrained not in known:

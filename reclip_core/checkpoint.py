@@ -207,7 +207,9 @@ def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]
     else:
         p = Path(path_or_state)
         if not p.is_file():
-            raise FileNotFoundError(f"release checkpoint {p} does not exist.")
+            from .cli_errors import not_a_file
+
+            raise FileNotFoundError(f"release checkpoint {p} {not_a_file(p)}.")
         try:
             raw = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as err:  # a refused global (pickled code), a truncated or foreign file

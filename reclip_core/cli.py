@@ -8,7 +8,6 @@ that says what to do (unknown config keys and datasets list the valid ones).
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import time
 from pathlib import Path
@@ -47,13 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="run folder, checkpoints folder, .safetensors or best_weight.pth")
     legacy(e)
 
-    s = sub.add_parser("segment", help="segment one image; writes an overlay PNG")
+    s = sub.add_parser("segment", help="segment one image (an overlay PNG) or a folder (--images: masks + overlays)")
     common(s, config_required=False)
-    s.add_argument("--image", required=True)
+    one = s.add_mutually_exclusive_group(required=True)
+    one.add_argument("--image", help="one image file")
+    one.add_argument("--images", help="a folder of images (nested allowed): a mask and an overlay PNG each, "
+                     "into --out DIR; resumable (docs/your-images.md)")
     s.add_argument("--classes", default=None, help="comma-separated class names (default: the config's classes)")
     s.add_argument("--checkpoint", default=None, help="trained run/checkpoint (default: MaskCLIP, no training)")
-    s.add_argument("--out", default="segmentation.png", help="overlay figure path")
+    s.add_argument("--out", default=None, help="overlay figure path (default segmentation.png); with --images "
+                   "the output folder (required)")
     s.add_argument("--pd", type=float, default=None, help="presence-filter threshold (default: off)")
+    s.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images above N pixels (default 40 million, or $RECLIP_MAX_IMAGE_PIXELS)")
     legacy(s)
     return p
 
@@ -134,6 +139,12 @@ def cmd_segment(args, cfg) -> int:
     from .config import resolve_class_names
     from .segment import segment
 
+    if args.max_pixels is not None:  # read by transforms.open_image (image_limits.pixel_limit)
+        import os
+
+        from .image_limits import ENV
+
+        os.environ[ENV] = str(args.max_pixels)
     if args.classes:
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
     elif cfg is not None:
@@ -141,11 +152,30 @@ def cmd_segment(args, cfg) -> int:
     else:
         raise ValueError("pass --classes 'a,b,c' or a --config whose classes to use.")
     clip = _load_clip(cfg) if cfg is not None else None
+    if args.images:
+        return _segment_folder(args, cfg, names, clip)
+    args.out = args.out or "segmentation.png"
     res = segment(args.image, names, checkpoint=args.checkpoint, clip=clip, pd_threshold=args.pd,
                   test_size=cfg.test_size if cfg is not None else None, allow_legacy=args.allow_legacy_checkpoint)
     atomic_save_figure(res.figure, args.out, dpi=120)
     counts = {res.class_names[c]: int(n) for c, n in zip(*__import__("numpy").unique(res.mask, return_counts=True))}
     print(f"{res.model}: {counts} -> {args.out}")
+    return 0
+
+
+def _segment_folder(args, cfg, names: List[str], clip) -> int:
+    from .config import resolve_templates
+    from .segment_folder import segment_folder
+
+    if not args.out:
+        raise ValueError("segment --images DIR needs --out DIR, the folder for masks/ and overlays/.")
+    res = segment_folder(args.images, args.out, names, checkpoint=args.checkpoint, clip=clip, pd_threshold=args.pd,
+                         test_size=cfg.test_size if cfg is not None else None,
+                         templates=resolve_templates(cfg) if cfg is not None else None,
+                         device=cfg.device if cfg is not None else "auto",
+                         allow_legacy=args.allow_legacy_checkpoint, progress=not args.quiet)
+    print(f"{res.model}: {len(res.written)} images segmented, {len(res.existing)} already done, "
+          f"{len(res.unreadable)} unreadable skipped -> {res.out}/masks, {res.out}/overlays (legend.png)")
     return 0
 
 
@@ -175,14 +205,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as err:
-        # Runtime faults whose message already says what to do: no traceback to dig through.
-        from .training import NonFiniteLossError
+        # Faults whose message says what to do (cli_errors): one line, no traceback to dig through.
+        from .cli_errors import explain
 
-        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        if isinstance(err, NonFiniteLossError) or full:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+        known = explain(err)
+        if known is None:
+            raise
+        print(f"error: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 __all__ = ("main",)

@@ -23,7 +23,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: datasets the readers know (``reclip_core.datasets.get_dataset`` names)
-KNOWN_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toyworld")
+KNOWN_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toyworld", "folder")
 #: what a config's ``profile`` may say: the paper's settings, the toy lab, or anything hand-made
 KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
 MODEL_KINDS = ("reclip++", "reclip")
@@ -58,7 +58,8 @@ def _k(types, default, help, optional=False, choices=None) -> Key:
 SCHEMA: Dict[str, Key] = {
     "dataset": _k(str, _REQUIRED, "dataset reader name", choices=KNOWN_DATASETS),
     "profile": _k(str, "custom", "which settings these are", choices=KNOWN_PROFILES),
-    "class_names": _k((str, list), None, "class list: a dataset name for class_names(), or a list", optional=True),
+    "class_names": _k((str, list), None, "class list: a dataset name for class_names(), a text file (one class per "
+                      "line, comma-separated synonyms), or a list", optional=True),
     "class_name_set": _k(str, "project", "which list a dataset name reads: 'project' (class_names/<name>.txt) or "
                          "'release' (class_names/release/<name>.txt, the strings the authors' checkpoints were "
                          "trained with)", choices=CLASS_NAME_SETS),
@@ -342,7 +343,9 @@ def resolve_config_path(name_or_path: Union[str, os.PathLike]) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist; use one of {available_configs()} "
+            from .cli_errors import not_a_file
+
+            raise FileNotFoundError(f"config file {p} {not_a_file(p)}; use one of {available_configs()} "
                                     "or a path to a YAML file.")
         return p
     cand = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -371,16 +374,25 @@ def load_config(name_or_path: Union[str, os.PathLike, Mapping[str, Any]],
 # Things every command derives from a config
 # ------------------------------------------------------------------------------------------------
 def resolve_class_names(cfg: Mapping[str, Any]) -> List[str]:
-    """The class list: ``class_names`` (list, or a dataset name) else ``text.class_names(dataset)``;
-    a dataset name reads the ``class_name_set`` list (the project's or the release's)."""
-    from .text import class_names, validate_class_names
+    """The class list: ``class_names`` (list, dataset name or text file) else ``text.class_names(dataset)``;
+    a dataset name reads the ``class_name_set`` list (the project's or the release's), any other
+    string is a class-name file (``text.read_class_file``)."""
+    from .text import DATASETS, class_names, read_class_file, validate_class_names
 
     cn = cfg.get("class_names")
     source = cfg.get("class_name_set", "project")
     if isinstance(cn, list):
         names = validate_class_names(cn)
+    elif isinstance(cn, str) and cn not in DATASETS:
+        if not Path(cn).is_file():
+            raise ValueError(f"class_names {cn!r} is neither a dataset name ({', '.join(DATASETS)}) nor an existing "
+                             "class-name file; pass a file with one class per line (docs/your-images.md).")
+        names = read_class_file(cn)
     elif isinstance(cn, str):
         names = class_names(cn, source=source)
+    elif cfg["dataset"] == "folder":
+        raise ValueError("the folder dataset needs your class names: --set class_names=FILE (one class per line, "
+                         "see docs/your-images.md) or a list --set 'class_names=[cat, dog]'.")
     elif cfg["dataset"] == "toyworld" and source == "project":
         from .datasets.toyworld import toyworld_class_names
 
@@ -406,6 +418,8 @@ def resolve_templates(cfg: Mapping[str, Any]) -> List[str]:
 def build_dataset(cfg: Mapping[str, Any], split: str):
     """The dataset reader for ``split`` (``get_dataset`` when the readers are installed)."""
     kwargs = dict(cfg.get("dataset_kwargs") or {})
+    if cfg["dataset"] == "folder":  # label ids are checked against the class count
+        kwargs.setdefault("num_classes", len(resolve_class_names(cfg)))
     try:
         from .datasets import get_dataset  # the benchmark readers' entry point
     except ImportError:

@@ -148,7 +148,9 @@ def load_hypotheses(path: Union[str, os.PathLike], class_names: Optional[Sequenc
     """Read a hypotheses file → {image id: [class indices]}; checks the class list when given."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"hypotheses file {p} does not exist; compute it with "
+        from .cli_errors import not_a_file
+
+        raise FileNotFoundError(f"hypotheses file {p} {not_a_file(p)}; compute it with "
                                 "`python -m reclip_core hypothesis --config ...`.")
     with open(p, encoding="utf-8") as f:
         data = json.load(f)
@@ -245,25 +247,21 @@ def compute_hypotheses(
         text = text_embeddings(clip, names, templates)
     stride = stride or max(1, window // 2)
     size = input_size or clip_input_size(clip)
-    from .backbone import clip_fingerprint
+    from .provenance import describe_difference, hypothesis_settings
 
-    settings = {"mode": mode, "input_size": size, "templates": settings_fingerprint({"t": templates}),
-                "ln_eps": ln_eps, "cls_token": None if cls_token is None else str(cls_token),
-                "clip_weights": clip_fingerprint(clip)}
-    if mode == "window":
-        settings.update(window=int(window), stride=int(stride))
-        if tiling != "fit":  # files of the default grid keep the settings they always had
-            settings["tiling"] = tiling
-    else:
-        settings.update(threshold=float(threshold), topk=int(topk))
+    settings = hypothesis_settings(clip, dataset, mode=mode, window=window, stride=stride, input_size=size,
+                                   threshold=threshold, topk=topk, templates=templates, ln_eps=ln_eps,
+                                   cls_token=cls_token, tiling=tiling)
     out_path = Path(out_path)
     done: Hypotheses = {}
     if out_path.is_file() and resume:
         with open(out_path, encoding="utf-8") as f:
             old = json.load(f)
         if old.get("class_names") != names or old.get("settings") != settings:
-            raise StaleFileError(out_path, f"{out_path} holds hypotheses computed with other settings or classes "
-                                 f"({old.get('settings')}); delete it, choose another path, or pass resume=False.")
+            what = describe_difference(old.get("settings") or {}, settings) if old.get("settings") != settings \
+                else f"classes {old.get('class_names')} -> {names}"
+            raise StaleFileError(out_path, f"{out_path} holds hypotheses computed with other settings, classes or "
+                                 f"images ({what}); pass --no-resume (resume=False) to recompute, or delete it.")
         done = check_hypotheses(old.get("hypotheses"), len(names), out_path)  # never extend a damaged file
 
     def write():
@@ -335,14 +333,10 @@ def hypotheses_from_config(cfg: Mapping[str, Any], clip: nn.Module, split: str, 
     ``hypothesis_clip: plain`` encodes the windows with CLIP's own LayerNorm eps and class
     embedding whatever ``clip.ln_eps`` / ``clip.cls_token`` say, as the release does (its
     hypotheses come from an unmodified CLIP); ``model`` applies them to the windows too."""
-    from .config import build_dataset, resolve_class_names, resolve_templates
+    from .config import build_dataset, resolve_class_names
+    from .provenance import config_hypothesis_kwargs
 
     limit = cfg["max_train_images"] if split == cfg["train_split"] else cfg["max_val_images"]
-    plain = cfg.get("hypothesis_clip", "model") == "plain"
-    return compute_hypotheses(
-        clip, build_dataset(cfg, split), resolve_class_names(cfg), out_path, text=text,
-        mode=cfg["hypothesis_mode"], window=cfg.window, stride=cfg.stride,
-        input_size=cfg["hypothesis_input_size"], batch_size=cfg["hypothesis_batch_size"],
-        threshold=cfg["hypothesis_threshold"], topk=cfg["hypothesis_topk"], templates=resolve_templates(cfg),
-        ln_eps=None if plain else cfg["clip"]["ln_eps"], cls_token=None if plain else cfg["clip"]["cls_token"],
-        tiling=cfg.get("hypothesis_tiling", "fit"), resume=resume, progress=progress, max_images=limit)
+    return compute_hypotheses(clip, build_dataset(cfg, split), resolve_class_names(cfg), out_path, text=text,
+                              batch_size=cfg["hypothesis_batch_size"], resume=resume, progress=progress,
+                              max_images=limit, **config_hypothesis_kwargs(cfg))

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .text import tokenize, validate_class_names
+from .text import display_name, tokenize, validate_class_names
 
 NAME_SLOTS = 3  # the first 3 tokens of the class name after start-of-text
 
@@ -32,7 +32,8 @@ class ReferencePrompt(nn.Module):
         if self.n_ctx < 1:
             raise ValueError(f"context length {clip.context_length} is too short for a Reference prompt.")
         tok = clip.tokenizer
-        ids = tokenize(clip, names)
+        # a class with synonyms ('person, people') fills its name slots with its first name only
+        ids = tokenize(clip, [display_name(n) for n in names])
         name_ids = ids[:, 1:1 + NAME_SLOTS].clone()
         is_eot = name_ids == tok.eot_token_id
         last = torch.full((len(names),), NAME_SLOTS - 1, dtype=torch.long)

@@ -89,6 +89,27 @@ def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Seque
 
 
 @torch.no_grad()
+def predict_mask(model: nn.Module, image: ImageLike, test_size: Optional[int], pd_threshold: Optional[float],
+                 device: Any) -> np.ndarray:
+    """One image through an eval-mode segmenter → int64 class map [H, W] of the image's size.
+
+    ``test_size`` (short side) None: the image's own short side, at most 448. Shared by
+    :func:`segment` and the folder command (``segment_folder``), so both give the same masks."""
+    from .evaluation import upsample_logits
+    from .rectify import presence_filter
+
+    h, w = to_image_tensor(image).shape[-2:]
+    size = test_size or min(h, w, 448)
+    x = eval_preprocess(image, size).to(device)
+    logits = model(images=x)["logits"]
+    if pd_threshold is not None:
+        logits = presence_filter(logits, pd_threshold)
+    ps = model.clip.visual.patch_size
+    up = upsample_logits(logits, int(ps[0] if isinstance(ps, (tuple, list)) else ps), tuple(x.shape[-2:]), (h, w))
+    return up.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+
+
+@torch.no_grad()
 def segment(
     image: Union[ImageLike, str, os.PathLike],
     class_names: Sequence[str],
@@ -111,15 +132,15 @@ def segment(
     (``checkpoint.load_model_weights``); ``allow_legacy`` accepts one predating the CLIP/template record.
     """
     from .backbone import load_clip, resolve_device
-    from .evaluation import upsample_logits
     from .model import MaskCLIP
-    from .rectify import presence_filter
     from .text import PROMPT_TEMPLATES, validate_class_names
 
     names = validate_class_names(class_names)
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
-            raise FileNotFoundError(f"image {image} does not exist.")
+            from .cli_errors import not_a_file
+
+            raise FileNotFoundError(f"image {image} {not_a_file(image)}; pass an image file (PNG, JPEG).")
         image = open_image(image)  # RGB; a corrupt file raises ValueError naming it
     dev = resolve_device(device)
     if checkpoint is None:
@@ -129,17 +150,9 @@ def segment(
     else:
         model, kind, ck_size = _load_for_checkpoint(checkpoint, names, clip, dev, allow_legacy)
     model.eval()
-    h, w = to_image_tensor(image).shape[-2:]
-    size = test_size or ck_size or min(h, w, 448)
-    x = eval_preprocess(image, size).to(dev)
-    logits = model(images=x)["logits"]
-    if pd_threshold is not None:
-        logits = presence_filter(logits, pd_threshold)
-    ps = model.clip.visual.patch_size
-    up = upsample_logits(logits, int(ps[0] if isinstance(ps, (tuple, list)) else ps), tuple(x.shape[-2:]), (h, w))
-    mask = up.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+    mask = predict_mask(model, image, test_size or ck_size, pd_threshold, dev)
     fig = overlay_figure(image, mask, names, title=kind)
     return SegmentResult(mask=mask, class_names=names, figure=fig, model=kind)
 
 
-__all__ = ("segment", "SegmentResult", "overlay_figure")
+__all__ = ("segment", "SegmentResult", "overlay_figure", "predict_mask")

@@ -89,6 +89,88 @@ def tokenize(clip: nn.Module, texts: Sequence[str]) -> torch.Tensor:
     return tokenizer(list(texts))
 
 
+SYNONYM_SEPARATOR = ","
+
+
+def synonyms(name: str) -> List[str]:
+    """The prompt names of one class: ``"person, people"`` → ``["person", "people"]``.
+
+    A comma inside a class name separates synonyms whose text features are averaged (class-name
+    files of your own folder, docs/your-images.md). A name without a comma is returned unchanged
+    (not even stripped), so the shipped lists give exactly the prompts they always gave."""
+    if SYNONYM_SEPARATOR not in name:
+        return [name]
+    parts = [s.strip() for s in name.split(SYNONYM_SEPARATOR)]
+    if not all(parts):
+        raise ValueError(f"class name {name!r} has an empty synonym; write synonyms as 'person, people'.")
+    return parts
+
+
+def display_name(name: str) -> str:
+    """The first synonym: what legends show and what the Reference prompt tokenizes."""
+    return synonyms(name)[0]
+
+
+def read_class_file(path) -> List[str]:
+    """Class names from a text file: one class per line, optional comma-separated synonyms
+    (``person, people, human``), blank lines and ``#`` comments skipped. Line ``i`` is class ``i``,
+    the value ``i`` in label maps. Each class comes back as its synonyms joined by ``", "``."""
+    p = Path(path)
+    if not p.is_file():
+        from .cli_errors import not_a_file
+
+        raise FileNotFoundError(f"class-name file {p} {not_a_file(p)}; write one class per line "
+                                "(synonyms comma-separated), see docs/your-images.md.")
+    names: List[str] = []
+    owner: dict = {}
+    for no, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = [s.strip() for s in text.split(SYNONYM_SEPARATOR)]
+        if not all(parts):
+            raise ValueError(f"{p}, line {no}: {text!r} has an empty synonym; separate synonyms by single "
+                             "commas ('person, people').")
+        for s in parts:
+            if s in owner:
+                raise ValueError(f"{p}, line {no}: {s!r} is already a name of class {owner[s]!r}; each "
+                                 "name may belong to one class only.")
+            owner[s] = parts[0]
+        names.append(", ".join(parts))
+    if not names:
+        raise ValueError(f"class-name file {p} lists no class; write one class name per line.")
+    return validate_class_names(names)
+
+
+def check_distinct_tokens(clip: nn.Module, names: Sequence[str], words: Sequence[Sequence[str]],
+                          tokens: torch.Tensor) -> None:
+    """Refuse class names whose prompts tokenize identically (``tokens``: [synonyms, templates, L]).
+
+    Why: words outside a tokenizer's vocabulary (the toy CLIP's is a few dozen words) all read as
+    ``<unk>``, and names longer than the text context are cut off, so different names can give the
+    same text feature and one class silently wins everywhere. A name with only some unknown words
+    still differs from the others, but its feature ignores those words: that is warned about."""
+    import warnings
+
+    unk = getattr(getattr(clip, "tokenizer", None), "unk_token_id", None)
+    seen: dict = {}
+    start = 0
+    for name, ws in zip(names, words):
+        key = tokens[start:start + len(ws)].numpy().tobytes()
+        start += len(ws)
+        if key in seen:
+            lost = [n for n in (seen[key], name) if unk is not None and bool((tokenize(clip, [n]) == unk).any())]
+            why = (f"the words of {lost} are unknown to this CLIP's tokenizer (each reads as <unk>)" if lost else
+                   f"the prompts are cut off at the text context of {tokens.shape[-1]} tokens")
+            raise ValueError(f"class names {seen[key]!r} and {name!r} tokenize to the same tokens ({why}), so they "
+                             "would get the same text feature. Use names this CLIP knows (for the toy CLIP: the words "
+                             "of its vocabulary, e.g. 'red circle'), or shorter ones.")
+        seen[key] = name
+        if unk is not None and bool((tokenize(clip, ws) == unk).any()):  # per synonym: a comma is no word
+            warnings.warn(f"class name {name!r} has words unknown to this CLIP's tokenizer (read as <unk>); its text "
+                          "feature ignores them.", stacklevel=3)
+
+
 @torch.no_grad()
 def text_embeddings(
     clip: nn.Module,
@@ -97,20 +179,29 @@ def text_embeddings(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Class text features [C, D]: each name in every template, encoded, L2-normalised,
-    averaged over templates and L2-normalised again."""
+    averaged over templates and L2-normalised again. A name with comma-separated synonyms
+    (:func:`synonyms`) averages every synonym in every template before the last normalisation."""
     names = validate_class_names(names)
     templates = list(templates)
     if not templates or any("{}" not in t for t in templates):
         raise ValueError("templates must be a non-empty list of strings containing '{}'.")
     device = clip.token_embedding.weight.device
-    prompts = [t.format(n) for n in names for t in templates]
+    words = [synonyms(n) for n in names]
+    flat = [w for ws in words for w in ws]
+    prompts = [t.format(w) for w in flat for t in templates]
+    all_tokens = tokenize(clip, prompts)
+    check_distinct_tokens(clip, names, words, all_tokens.view(len(flat), len(templates), -1))
     feats = []
     for i in range(0, len(prompts), batch_size):
-        tokens = tokenize(clip, prompts[i:i + batch_size]).to(device)
+        tokens = all_tokens[i:i + batch_size].to(device)
         feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))
-    feats = torch.cat(feats).view(len(names), len(templates), -1).mean(dim=1)
+    feats = torch.cat(feats).view(len(flat), len(templates), -1).mean(dim=1)
+    if len(flat) != len(names):  # some class has synonyms: average them (equal weight per synonym)
+        owner = torch.tensor([c for c, ws in enumerate(words) for _ in ws], device=feats.device)
+        feats = torch.zeros(len(names), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
+        feats = feats / torch.tensor([len(ws) for ws in words], device=feats.device).unsqueeze(1)
     return F.normalize(feats, dim=-1)
 
 
 __all__ = ("PROMPT_TEMPLATES", "SCENE_TEMPLATES", "DATASETS", "CLASS_NAME_SOURCES", "class_names", "text_embeddings",
-           "validate_class_names", "tokenize")
+           "validate_class_names", "tokenize", "check_distinct_tokens", "synonyms", "display_name", "read_class_file")

@@ -22,7 +22,6 @@ and refuses items that carry a ``label`` or ``mask``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -273,28 +272,14 @@ def build_feature_cache(model: nn.Module, views: TrainViews, n_views: int, batch
                         path: Optional[Path] = None, progress: bool = True) -> CachedViews:
     """Dense CLIP features of ``n_views`` fixed views of every image, stored as float16 (memory:
     N · V · D · (crop/patch)² · 2 bytes). Reused from ``path`` when it was built with the same key."""
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    # The key names everything the cached tensors depend on: the views (seed, count, crop), the
-    # image ids and their hypotheses (stored beside the features) and the frozen CLIP's weights
-    # (a cache may be shared between runs through ``feature_cache_path``).
-    import hashlib
+    from .provenance import feature_cache_key, load_feature_cache
 
-    from .backbone import clip_fingerprint
-
-    digest = hashlib.sha256()
-    digest.update(json.dumps(sorted((str(k), list(map(int, v))) for k, v in views.hypotheses.items())).encode())
-    digest.update(clip_fingerprint(model.clip).encode())
-    digest.update(json.dumps(getattr(views.transform, "settings", views.transform.crop), sort_keys=True).encode())
-    key = f"{views.seed}-{n_views}-{len(views)}-{views.transform.crop}-{digest.hexdigest()[:16]}"
-    if path is not None and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                t = load_file(str(path))
-                return CachedViews(t["feats"], t["hyps"].bool())
+    key = feature_cache_key(model, views, n_views)  # a cache may be shared between runs (feature_cache_path)
+    t = load_feature_cache(path, key) if path is not None else None
+    if t is not None:
+        return CachedViews(t["feats"], t["hyps"].bool())
     feats, hyps = [], None
     model.eval()
     bar = tqdm(total=n_views * len(views), desc="feature cache", disable=not progress, unit="view")
@@ -389,12 +374,20 @@ def _train(
         dataset = build_dataset(cfg, cfg["train_split"])
     if cfg["max_train_images"] is not None:
         dataset = Head(dataset, cfg["max_train_images"])
-    if hypotheses is None:
+    # The label guard holds on every path, also when the feature cache means no view is ever read.
+    if len(dataset):
+        check_unlabeled(dataset[0])
+    hyp_file = hypotheses is None
+    if hyp_file:
         hypotheses = load_hypotheses(run / "hypotheses.json", names)
     require_some_hypothesis(hypotheses, dataset, run / "hypotheses.json")
 
     torch.manual_seed(cfg["seed"])  # identical head initialisation on every rank
     model = build_model(cfg, clip=clip, device=device)
+    if hyp_file:  # made with this CLIP, window, mode and templates, from these images?
+        from .provenance import check_hypothesis_file
+
+        check_hypothesis_file(run / "hypotheses.json", cfg, model.clip, dataset)
     fingerprint = _jsonable(config_fingerprint(cfg, model.clip))  # hashes CLIP weights: once per run
     identity = checkpoint_identity(model)  # what evaluate/segment check the heads against
     _ = model.text  # text features once, before any wrapping

@@ -66,13 +66,18 @@ def open_image(path) -> Image.Image:
     """Read an image file as an 8-bit RGB PIL image (:func:`to_rgb`).
 
     A corrupt, truncated or non-image file raises ``ValueError`` naming the file (PIL's own errors
-    do not say which file); a missing one raises ``FileNotFoundError``."""
+    do not say which file); a missing one raises ``FileNotFoundError``. Images above the pixel limit
+    are refused and the EXIF orientation is applied (:mod:`reclip_core.image_limits`)."""
     from PIL import UnidentifiedImageError
 
+    from .image_limits import allow_in_pil, check_pixels, exif_upright
+
+    allow_in_pil()
     try:
         with Image.open(path) as im:
+            check_pixels(im, path)  # before decoding: a tiny file can declare a huge canvas
             im.load()
-            return to_rgb(im)
+            return to_rgb(exif_upright(im))
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist.") from None
     except PermissionError:

@@ -1,4 +1,4 @@
-"""Issue 6 "done when": the paper profile runs end to end on a fixture-sized fake of VOC.
+"""The paper profile runs end to end on a fixture-sized fake of VOC.
 
 data_prep (from a VOC-format tar given with --archives) -> readers -> hypothesis -> train ->
 evaluate, with the paper config ``voc`` and random CLIP weights (mIoU meaningless).
@@ -79,7 +79,7 @@ def test_paper_profile_voc_fixture_end_to_end(tmp_path):
     assert (tmp_path / "data" / "voc" / "manifest.json").is_file()
     common = ["--config", "voc", "--set", "clip.pretrained=null", "--set", "epoch=1", "--set", "max_epoch=1",
               "--set", "crop=48", "--set", "test_size=48", "--set", "templates=single",
-              "--set", "hypothesis_input_size=64", "--set", f"output_dir={tmp_path / 'run'}", "--quiet"]
+              "--set", "hypothesis_input_size=64", "--set", "hypothesis_window=16", "--set", f"output_dir={tmp_path / 'run'}", "--quiet"]
     run("reclip_core", "hypothesis", *common)
     run("reclip_core", "train", *common)
     out = run("reclip_core", "evaluate", *common)

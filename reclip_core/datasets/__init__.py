@@ -1,4 +1,4 @@
-"""Dataset readers: the toy world and the five benchmarks.
+"""Dataset readers: the toy world, the five benchmarks and a folder of your own images.
 
 ``get_dataset(name, split, root=None, **kw)`` returns a sequence of item dicts:
 ``{"id", "image"}`` for unlabeled (training) splits and ``{"id", "image", "label"}``
@@ -18,7 +18,7 @@ from typing import Optional
 __all__ = ["DATASET_NAMES", "BENCHMARK_NAMES", "get_dataset", "safe_relative_id"]
 
 BENCHMARK_NAMES = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
-DATASET_NAMES = BENCHMARK_NAMES + ("toyworld",)
+DATASET_NAMES = BENCHMARK_NAMES + ("toyworld", "folder")
 
 
 def get_dataset(name: str, split: str, root: Optional[os.PathLike] = None, **kw):
@@ -27,11 +27,16 @@ def get_dataset(name: str, split: str, root: Optional[os.PathLike] = None, **kw)
     Benchmarks: ``split`` is ``"train"`` (images only) or ``"val"`` (images and
     labels); ``root`` defaults to ``data/<name>`` (or ``$RECLIP_DATA/<name>``).
     ``"toyworld"``: ``ToyWorld(split=split, preset=kw.get("preset", "biased"), root=root, ...)``.
+    ``"folder"``: your own images under ``root`` (``datasets/folder.py``; ``val``: those with a label).
     """
     if name == "toyworld":
         from .toyworld import ToyWorld  # imported only when asked for
 
         return ToyWorld(split=split, root=root, **kw)
+    if name == "folder":
+        from .folder import folder_dataset
+
+        return folder_dataset(split, root, **kw)
     if name not in BENCHMARK_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}.")
     if kw:
