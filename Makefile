@@ -8,7 +8,7 @@ DATASET ?=
 DEVICE ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv test reproduce notebooks toy-world toy-clip bench clean-venv
+.PHONY: venv test reproduce notebooks spread toy-world toy-clip bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,15 @@ venv: $(VENV)/.installed
 
 # The unit tests, then nbval: the committed notebooks are re-executed (toy profile). With
 # --nbval-lax every cell must run without error and the cells marked `# NBVAL_CHECK_OUTPUT` (the
-# rounded metric tables) must reproduce their committed outputs; figures, timings and paths are
-# not compared. The notebooks write into a temporary RECLIP_RESULTS tree: a test run neither
-# overwrites the committed results/ nor reuses runs cached there (it trains from scratch, as CI does).
+# outputs that are the same on every CPU) must reproduce their committed outputs; figures, timings
+# and paths are not compared. Last, tests/test_toy_results.py checks every number the notebooks
+# wrote against the committed tables within the spread `make spread` measured. The notebooks write
+# into a temporary RECLIP_RESULTS tree: a test run neither overwrites the committed results/ nor
+# reuses runs cached there (it trains from scratch, as CI does).
 NBVAL_ARGS ?= --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=1200
 test: venv
 	@tmp=$$(mktemp -d -t reclip-test-results.XXXXXX); \
-	RECLIP_RESULTS=$$tmp $(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS); rc=$$?; \
+	RECLIP_RESULTS=$$tmp RECLIP_REQUIRE_RESULTS=1 $(PY) -m pytest $(PYTEST_ARGS) tests notebooks $(NBVAL_ARGS); rc=$$?; \
 	rm -rf "$$tmp"; exit $$rc
 
 reproduce: venv
@@ -48,6 +50,11 @@ toy-clip: toy-world
 # Re-execute the notebooks in place so their committed outputs (checked by nbval) are refreshed.
 notebooks: venv
 	$(PY) -m reclip_core.reproduce --profile toy --inplace
+
+# The toy reproduction under three CPU kernel levels x one and two threads, and over three seeds:
+# results/toy/spread.{csv,md} (about an hour on 2 cores; the runs go to work/spread/).
+spread: venv
+	$(PY) -m reclip_core.spread
 
 bench: venv
 	$(PY) -m benchmarks.run

@@ -1,4 +1,4 @@
-"""Benchmarks: our paths against release-style paths written from method.md (issue 7).
+"""Benchmarks: our paths against release-style paths written from method.md.
 
 Entry point: ``python -m benchmarks.run`` (``make bench``). See docs/benchmarks.md.
 """

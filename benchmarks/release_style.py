@@ -1,7 +1,7 @@
-"""Release-style paths, written from the project's method description (docs: shared method.md).
+"""Release-style paths, written from the project's method description (docs/method.md).
 
-These reproduce the *schedule of computation* of the authors' release as method.md and issue 7
-describe it, on the same weights and with the same arithmetic as ours, so that a timing
+These reproduce the *schedule of computation* of the authors' release as docs/method.md
+describes it, on the same weights and with the same arithmetic as ours, so that a timing
 difference is a difference of schedule only:
 
 - evaluation: the Reference-prompt text features (C prompts × 77 tokens through the CLIP text

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run``: our paths against release-style paths (issue 7); prints the
+"""``python -m benchmarks.run``: our paths against release-style paths; prints the
 table and writes ``results/benchmarks.md`` (atomically).
 
     python -m benchmarks.run [--quick] [--device auto|cpu|cuda] [--repeats N]

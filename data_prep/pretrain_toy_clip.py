@@ -1,4 +1,4 @@
-"""Pretrain the toy CLIP contrastively on the toy world's ``pretrain`` split (issue 3).
+"""Pretrain the toy CLIP contrastively on the toy world's ``pretrain`` split.
 
 CPU, seeded, step-based schedule (the result depends on ``--steps``, never on wall time),
 open_clip's own ``CLIP`` and ``ClipLoss``. Writes, atomically (weights, then config, then the

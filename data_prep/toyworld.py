@@ -1,4 +1,4 @@
-"""Toy world generator (issue 3): seeded, deterministic scenes with injected biases.
+"""Toy world generator: seeded, deterministic scenes with injected biases.
 
 Each image is 64x64 RGB (``image_size`` in the preset) on a textured, noisy, low-saturation
 background, with 1-3 objects of distinct classes (a class = shape x colour, e.g. "red circle"),

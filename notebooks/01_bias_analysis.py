@@ -35,6 +35,7 @@ profile = "toy"   # "toy" (CPU, minutes, synthetic world) or "paper" (OpenAI ViT
 dataset = None    # None: the profile's default ("toyworld" / "voc")
 device = "auto"   # "auto", "cpu" or "cuda"
 seed = 0
+num_threads = None  # CPU threads (None: the config's); results depend on it, docs/reproducibility.md
 n_val = None      # evaluate only the first n validation images (None: the config's value)
 grid = 4          # the space-bias grid has grid × grid cells
 
@@ -42,7 +43,7 @@ grid = 4          # the space-bias grid has grid × grid cells
 import reclip_core as rc
 from reclip_core import plots
 
-lab = rc.lab.setup(profile, dataset, device, seed, max_val_images=n_val)
+lab = rc.lab.setup(profile, dataset, device, seed, max_val_images=n_val, num_threads=num_threads)
 print(f"profile={lab.profile} dataset={lab.dataset} classes={len(lab.class_names)}")
 
 # %% [markdown]

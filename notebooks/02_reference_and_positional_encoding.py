@@ -36,6 +36,7 @@ profile = "toy"
 dataset = None
 device = "auto"
 seed = 0
+num_threads = None  # CPU threads (None: the config's); results depend on it, docs/reproducibility.md
 
 # %%
 import torch
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 import reclip_core as rc
 from reclip_core import plots
 
-lab = rc.lab.setup(profile, dataset, device, seed)
+lab = rc.lab.setup(profile, dataset, device, seed, num_threads=num_threads)
 model = lab.model("reclip++").eval()
 
 # %% [markdown]

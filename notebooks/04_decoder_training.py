@@ -34,6 +34,7 @@ profile = "toy"
 dataset = None
 device = "auto"
 seed = 0
+num_threads = None  # CPU threads (None: the config's); results depend on it, docs/reproducibility.md
 epochs = None     # None: the config's EPOCH
 grid = 4
 
@@ -43,7 +44,7 @@ import torch
 import reclip_core as rc
 from reclip_core import plots
 
-lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs)
+lab = rc.lab.setup(profile, dataset, device, seed, epoch=epochs, num_threads=num_threads)
 
 # %% [markdown]
 # ## Hypotheses
@@ -61,7 +62,6 @@ print(f"train: {len(hypotheses)} images; val hypotheses: precision {100 * qualit
 # ## Training
 
 # %%
-# NBVAL_CHECK_OUTPUT
 model = lab.train("reclip++")
 history = lab.loss_history("reclip++")
 print(f"{len(history)} steps; loss first epoch {history[history.epoch == history.epoch.min()].loss.mean():.3f} "
@@ -77,7 +77,6 @@ lab.save_figure(plots.plot_loss_curve(history, title="ReCLIP++ training loss (Gu
 # output, and one draw of the hard Gumbel masks the loss pools features with.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 report = lab.evaluate(model, bias_grid=grid, examples=4)
 print(lab.save_table(report.summary(), "04_reclippp_miou", title="ReCLIP++ (rectification + decoder)").to_string(index=False))
 
@@ -88,7 +87,6 @@ print(lab.save_table(report.summary(), "04_reclippp_miou", title="ReCLIP++ (rect
 # hardly name) gives the loss nothing to start from (docs/training.md).
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(lab.save_table(report.per_class_iou(), "04_per_class_iou", title="IoU per class (%)").to_string(index=False))
 
 # %% [markdown]
@@ -101,7 +99,6 @@ print(lab.save_table(report.per_class_iou(), "04_per_class_iou", title="IoU per 
 # code), and this model's output. The decoder can only move towards what the loss prefers.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 preference = lab.loss_preference(model).reset_index()
 print(lab.save_table(preference, "04_loss_preference", floatfmt=".3f",
                      title="Loss of fixed segmentations (val, lower = preferred by the loss)").to_string(index=False))

@@ -60,35 +60,56 @@ def notebook_parameters(nb: Path) -> List[str]:
 
     Read with ``json`` and ``ast`` rather than ``papermill.inspect_notebook``: importing papermill
     takes seconds, and a typo must fail before that."""
-    import ast
-
-    cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
-    for cell in cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            src = cell.get("source", "")
-            tree = ast.parse("".join(src) if isinstance(src, list) else src)
-            names = []
-            for node in tree.body:
-                targets = node.targets if isinstance(node, ast.Assign) else (
-                    [node.target] if isinstance(node, ast.AnnAssign) else [])
-                names += [t.id for t in targets if isinstance(t, ast.Name)]
-            return names
-    return []
+    return list(parameter_defaults(nb))
 
 
-def check_parameter_names(extra: Dict) -> None:
+def check_parameter_names(extra: Dict, raw: Sequence[str] = ()) -> None:
     """Every extra parameter must be declared in some notebook's ``parameters`` cell: papermill
     would otherwise inject it silently and the run would use the default."""
     reserved = sorted(set(extra) & set(RUN_PARAMETERS))
     if reserved:
         raise ValueError(f"set {', '.join(reserved)} with --{reserved[0]} (checked), not with -p "
                          "(it would bypass the profile/dataset/device checks).")
-    known = set()
+    known = {}
     for nb in notebooks():
-        known |= set(notebook_parameters(nb))
-    unknown = sorted(set(extra) - known)
+        known.update(parameter_defaults(nb))
+    unknown = sorted(set(extra) - set(known))
     if unknown:
         raise ValueError(f"unknown notebook parameter(s) {unknown}; valid: {', '.join(sorted(known))}.")
+    for name, value in extra.items():
+        default = known[name]
+        if name in raw and not isinstance(default, str):
+            raise ValueError(f"notebook parameter {name!r} (default {default!r}) takes a JSON value: a number, "
+                             f"null, true/false or a quoted string, got {value!r}.")
+        # the kind of value a parameter takes is its default's: `-p n_val abc` must fail here, not
+        # in a kernel minutes later (a None default takes anything, an int default also None)
+        wanted = (int,) if isinstance(default, int) and not isinstance(default, bool) else \
+            (int, float) if isinstance(default, float) else (type(default),)
+        if default is not None and value is not None and (not isinstance(value, wanted) or
+                                                          isinstance(value, bool) != isinstance(default, bool)):
+            raise ValueError(f"notebook parameter {name!r} takes a {type(default).__name__} like its default "
+                             f"{default!r}, got {value!r}.")
+
+
+def parameter_defaults(nb: Path) -> Dict[str, object]:
+    """The ``parameters`` cell's names with their literal defaults (a non-literal reads as None)."""
+    import ast
+
+    cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = cell.get("source", "")
+            out = {}
+            for node in ast.parse("".join(src) if isinstance(src, list) else src).body:
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                for t in (t for t in targets if isinstance(t, ast.Name)):
+                    try:
+                        out[t.id] = ast.literal_eval(node.value) if node.value is not None else None
+                    except ValueError:
+                        out[t.id] = None
+            return out
+    return {}
 
 
 def preflight(profile: str, dataset: str) -> None:
@@ -108,6 +129,11 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
     """Execute the notebooks; returns the path of ``summary.md``."""
     dataset = check_parameters(profile, dataset, device)
     check_parameter_names(extra or {})
+    names = [nb.name for nb in notebooks()]
+    unmatched = [o for o in only or () if not any(n.startswith(o) for n in names)]
+    if unmatched:  # else nothing would run and summary.md would be rewritten without its tables
+        raise ValueError(f"--only {' '.join(unmatched)} matches no notebook; valid prefixes: "
+                         f"{', '.join(n.split('_')[0] for n in names)} ({', '.join(names)}).")
     preflight(profile, dataset)
     import papermill as pm  # after the checks: the import alone takes seconds
     out_dir = RESULTS_DIR / profile / "notebooks"
@@ -180,6 +206,10 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
     headline = base / dataset / "headline.md"
     if headline.is_file():
         lines += [headline.read_text().strip(), ""]
+    if profile == "toy":
+        from .spread import summary_section  # pandas: imported only once the notebooks have run
+
+        lines += summary_section(base)
     if timings:
         lines += ["## Notebook run times", "", "| notebook | seconds |", "|---|---:|"]
         lines += [f"| [{name}](notebooks/{name}) | {secs} |" for name, secs in timings.items()]
@@ -206,13 +236,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="extra notebook parameter (JSON value), e.g. -p n_val 100")
     args = parser.parse_args(argv)
-    extra = {}
+    extra, raw = {}, []
     for name, value in args.param:
         try:
             extra[name] = json.loads(value)
         except json.JSONDecodeError:
             extra[name] = value
+            raw.append(name)
     try:
+        check_parameter_names(extra, raw)
         summary = run(args.profile, args.dataset, args.device, args.seed, args.only, args.inplace, extra)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The small CLIP of the toy world (issue 3), built from open_clip's own classes.
+"""The small CLIP of the toy world, built from open_clip's own classes.
 
 * :func:`build_toy_clip` — an ``open_clip.CLIP`` from a model config in open_clip's JSON format
   (``reclip_core/configs/toy_clip.json``: ViT width 128, 4 layers, 4 heads, patch 8 on 64x64;

@@ -1,4 +1,4 @@
-"""The toy bias lab's first report (issue 3): MaskCLIP on the toy world, and its two biases.
+"""The toy bias lab's first report: MaskCLIP on the toy world, and its two biases.
 
 :func:`run_bias_lab` evaluates MaskCLIP (frozen toy CLIP, dense value-path features, argmax;
 method.md §6) on the toy world's ``val`` split for a toy CLIP pretrained on the ``biased`` preset

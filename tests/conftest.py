@@ -29,3 +29,8 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return reclip_core.load_clip(str(FIXTURES / "tiny_clip.json"), pretrained=None, device="cpu")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``after_notebooks`` read what the executed notebooks wrote: run them last."""
+    items.sort(key=lambda item: item.get_closest_marker("after_notebooks") is not None)

@@ -1,4 +1,4 @@
-"""Fault and bad-input suite (issue 8): nothing is lost, and every error says what to do.
+"""Fault and bad-input suite: nothing is lost, and every error says what to do.
 
 One place for every fault case; each test asserts the exact behaviour — a ``ValueError`` /
 ``FileNotFoundError`` whose message names the fix, or a correct recovery. Fixtures and helpers

@@ -72,10 +72,10 @@ def test_compare_to_reference_reports_misses():
     assert out.loc["ReCLIP++ (rectify only)", "status"] == "met"
     # two goals for one row: an entry names its row with `model`
     two = compare_to_reference(table, {"higher": {"model": "ReCLIP++", "min_gain_over": "MaskCLIP", "gain": 0.1},
-                                       "compass": {"model": "ReCLIP++", "min_gain_over": "MaskCLIP", "gain": 10.0}})
+                                       "clear gain": {"model": "ReCLIP++", "min_gain_over": "MaskCLIP", "gain": 10.0}})
     assert list(two["model"]) == ["ReCLIP++", "ReCLIP++"] and list(two["status"]) == ["met", "MISSED"]
     toy = reference_numbers("toy", "toyworld")
-    assert [v.get("model", k) for k, v in toy.items()].count("ReCLIP++") == 2
+    assert {v.get("model", k) for k, v in toy.items()} == {"ReCLIP++", "ReCLIP++ (rectify only)"}
     paper = compare_to_reference(pd.DataFrame({"model": ["ReCLIP++ (rectify only)"], "mIoU": [84.6]}),
                                  reference_numbers("paper", "voc")).set_index("model")
     assert paper.loc["ReCLIP++ (rectify only)", "status"] == "met"  # 85.4 − 1.0 tolerance
@@ -96,6 +96,13 @@ def test_parameter_checks_fail_fast():
     with pytest.raises(ValueError, match="unknown notebook parameter"):
         check_parameter_names({"n_vall": 3})
     check_parameter_names({"n_val": 3, "grid": 2})
+    with pytest.raises(ValueError, match="'grid' takes a int like its default 4"):
+        check_parameter_names({"grid": "abc"})  # `-p grid abc`: refused before any kernel starts
+    with pytest.raises(ValueError, match="takes a int"):
+        check_parameter_names({"grid": 2.5})
+    with pytest.raises(ValueError, match="'n_val' \\(default None\\) takes a JSON value"):
+        check_parameter_names({"n_val": "abc"}, raw=["n_val"])  # `-p n_val abc`: not JSON
+    check_parameter_names({"n_val": None, "epochs": 3})
 
 
 def test_bias_table_against_the_baseline_and_in_the_headline(tiny_clip):
@@ -126,3 +133,12 @@ def test_bias_table_against_the_baseline_and_in_the_headline(tiny_clip):
     text = headline(SimpleNamespace(profile="toy", dataset="toyworld"),
                     pd.DataFrame({"model": ["MaskCLIP"], "mIoU": [1.0]}), pd.DataFrame({"model": ["MaskCLIP"]}), df)
     assert "## Bias" in text and "both lower than MaskCLIP" in text and f"{row.loc['X', 'class TVD']:.3f}" in text
+
+
+def test_reproduce_refuses_a_parameter_value_of_the_wrong_kind_before_any_kernel():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "reclip_core.reproduce", "-p", "n_val", "abc"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "takes a JSON value" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -5,13 +5,15 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import pytest
 
-from reclip_core import reproduce
+from reclip_core import reproduce, result_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = reproduce.notebooks()
 CHECK = "# NBVAL_CHECK_OUTPUT"
+SPREAD_DIR = ROOT / "results" / "toy"
 
 
 def _cells(nb):
@@ -43,13 +45,30 @@ def test_parameters_cell_names_the_run(path):
 def test_committed_notebook_carries_the_toy_outputs_nbval_checks(path):
     nb = nbformat.read(path, as_version=4)
     checked = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
-    assert checked, f"{path.name}: no cell marked {CHECK}; nbval would compare nothing"
     empty = [c.source.splitlines()[1] for c in checked if not any(o.get("text") or o.get("data") for o in c.outputs)]
     assert not empty, f"{path.name}: checked cells without outputs {empty}; run `make notebooks`"
+    # nothing nbval compares, then every table the notebook writes is checked within the spread
+    tables = set(pd.read_csv(SPREAD_DIR / "spread.csv").table)
+    assert checked or any(t.startswith(f"toyworld/{path.name[:3]}") for t in tables), \
+        f"{path.name}: neither a cell marked {CHECK} nor a table in spread.csv; nothing would be checked"
     # committed as written by `make notebooks`: no papermill injection or run metadata
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     assert "papermill" not in nb.metadata
     assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_nbval_compares_only_outputs_that_are_the_same_on_every_measured_cpu(path):
+    # `make spread` ran the notebooks under three kernel levels and two thread counts and recorded,
+    # per cell, whether the printed output was identical; a checked cell must be such a cell.
+    stable = pd.read_csv(SPREAD_DIR / "spread_outputs.csv")
+    stable = stable[stable.notebook == path.name].set_index("source_sha256")["same_on_every_machine"]
+    nb = nbformat.read(path, as_version=4)
+    for cell in (c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)):
+        digest = result_tables.source_digest(cell.source)
+        first = cell.source.splitlines()[1]
+        assert digest in stable.index, f"{path.name}: checked cell {first!r} changed since `make spread`; run it again"
+        assert bool(stable[digest]), f"{path.name}: checked cell {first!r} prints other output on other CPUs"
 
 
 def test_strip_run_metadata_keeps_outputs_and_drops_the_run(tmp_path):

@@ -1,4 +1,4 @@
-"""Toy CLIP (issue 3): committed weights and their sha256, the loader's guarantees, the tokenizer
+"""Toy CLIP: committed weights and their sha256, the loader's guarantees, the tokenizer
 contract, and image-level zero-shot accuracy on the toy world's val split."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_committed_weights_match_their_sha256(preset, folder, seed, config):
     assert manifest["data_hash"] == preset_hash(preset), (folder, manifest["data_hash"])
     for key in ("seed", "steps", "batch_size", "data_hash", "wall_time_s", "metrics", "amp"):
         assert key in manifest, key
-    # the budget of issue 3: <= 15 min of pretraining on 2 cores
+    # the pretraining budget: <= 15 min of pretraining on 2 cores
     assert manifest["threads"] == 2 and manifest["wall_time_s"] <= 15 * 60, manifest["wall_time_s"]
     assert (d / WEIGHTS_FILE).stat().st_size < 10_000_000  # "a few MB"
     # the model config stored beside the weights is the repository's config
@@ -187,7 +187,7 @@ def test_zero_shot_image_level_accuracy_on_val(preset, val_batch):
 
 
 def test_maskclip_val_miou_at_least_three_times_chance(val_batch):
-    """Issue 3: dense MaskCLIP (85 templates, argmax) of the committed biased toy CLIP on val,
+    """Dense MaskCLIP (85 templates, argmax) of the committed biased toy CLIP on val,
     against the expected mIoU of uniformly random pixel classes."""
     from reclip_core.metrics import SegMetric
     from reclip_core.model import MaskCLIP

@@ -1,4 +1,4 @@
-"""Toy world (issue 3): determinism, masks that match the drawn objects, the injected biases,
+"""Toy world: determinism, masks that match the drawn objects, the injected biases,
 the reader's split contract and the preset cache."""
 from __future__ import annotations
 
