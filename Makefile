@@ -51,8 +51,8 @@ toy-clip: toy-world
 notebooks: venv
 	$(PY) -m reclip_core.reproduce --profile toy --inplace
 
-# The toy reproduction under three CPU kernel levels x one and two threads, and over three seeds:
-# results/toy/spread.{csv,md} (about an hour on 2 cores; the runs go to work/spread/).
+# The toy reproduction under eight CPU kernel/thread settings and over three seeds:
+# results/toy/spread.{csv,md} (about 95 min on 2 cores; the runs go to work/spread/).
 spread: venv
 	$(PY) -m reclip_core.spread
 
