@@ -36,7 +36,7 @@ from PIL import Image
 from .test_atomic_io import existing  # noqa: F401  (fixture)
 from .test_data_prep import _registry, server  # noqa: F401  (fixture)
 from .test_faults import disk_full  # noqa: F401  (fixture)
-from .train_fixtures import write_tiny_world_config
+from .train_fixtures import write_tiny_world_config, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--set", "clip.arch=toy", "--set", "clip.pretrained=biased"]
@@ -51,15 +51,6 @@ def _env(**extra: str) -> dict:
 def _cli(*args, module: str = "reclip_core", timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=_env(**env),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _refused(proc: subprocess.CompletedProcess, status: int = 2) -> str:
-    """The one ``error:`` line of a refused command (and no traceback)."""
-    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 def _main(capsys, *args, status: int = 2) -> str:
@@ -105,7 +96,7 @@ def test_24_hypotheses_of_another_split_are_not_resumed(world, capsys):
 
 
 def test_24_label_guard_holds_when_the_feature_cache_would_be_reused(world):
-    line = _refused(_cli("train", "--config", world["cfg"], "--quiet", "--no-resume", "--set", "train_split=val",
+    line = refused(_cli("train", "--config", world["cfg"], "--quiet", "--no-resume", "--set", "train_split=val",
                          "--set", "feature_cache=true"))
     assert "training received an item with ['label']" in line and "train_split" in line
 
@@ -186,16 +177,16 @@ def test_25_truncated_feature_cache_is_rebuilt_with_a_note(world, tmp_path, caps
 def test_25_malformed_yaml_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: toyworld\nclip: {arch: [1\n")
-    line = _refused(_cli("train", "--config", bad))
+    line = refused(_cli("train", "--config", bad))
     assert "not valid YAML" in line and str(bad) in line and "line 3" in line
 
 
 def test_25_folder_or_fifo_given_as_a_file(tmp_path, world, capsys):
     fifo = tmp_path / "pipe.yaml"
     os.mkfifo(fifo)
-    assert "is a named pipe (FIFO), not a file" in _refused(_cli("train", "--config", fifo))
+    assert "is a named pipe (FIFO), not a file" in refused(_cli("train", "--config", fifo))
     (tmp_path / "d.yaml").mkdir()
-    assert "is a folder, not a file" in _refused(_cli("train", "--config", tmp_path / "d.yaml"))
+    assert "is a folder, not a file" in refused(_cli("train", "--config", tmp_path / "d.yaml"))
     line = _main(capsys, "segment", "--config", world["cfg"], "--image", tmp_path, "--out", tmp_path / "o.png")
     assert f"image {tmp_path} is a folder, not a file" in line
 
@@ -261,10 +252,10 @@ def test_25_real_full_tmpfs_inside_torch_save(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 26. class names that cannot be told apart; EXIF orientation
 # ------------------------------------------------------------------------------------------------
-def test_26_class_names_unknown_to_the_toy_clip_are_refused(world, tmp_path):
+def test_26_class_names_unknown_to_the_toy_clip_arerefused(world, tmp_path):
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 32), (200, 30, 30)).save(img)
-    line = _refused(_cli("segment", "--config", world["cfg"], *TOY, "--image", img, "--classes", "cat,dog,car",
+    line = refused(_cli("segment", "--config", world["cfg"], *TOY, "--image", img, "--classes", "cat,dog,car",
                          "--out", tmp_path / "o.png"))
     assert "'cat' and 'dog' tokenize to the same tokens" in line and "<unk>" in line
     assert not (tmp_path / "o.png").exists()
@@ -323,7 +314,7 @@ def test_27_zip_bomb_is_refused_before_writing_unless_the_limit_is_raised(tmp_pa
     assert (tmp_path / "out" / "zeros.bin").stat().st_size == 24 << 20
 
 
-def test_27_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch):
+def test_27_archive_larger_than_the_free_space_isrefused(tmp_path, monkeypatch):
     from data_prep import extract
 
     arc = tmp_path / "a.tar"
@@ -344,7 +335,7 @@ def test_27_data_prep_refuses_a_bomb_with_exit_1(server, tmp_path):  # noqa: F81
         info.size = 24 << 20
         tf.addfile(info, io.BytesIO(b"\0" * info.size))
     reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": buf.getvalue()})
-    line = _refused(_cli("voc", "--root", tmp_path / "voc", "--registry", reg, "--no-progress", module="data_prep"), 1)
+    line = refused(_cli("voc", "--root", tmp_path / "voc", "--registry", reg, "--no-progress", module="data_prep"), 1)
     assert "decompression bomb" in line and "--max-expansion" in line
     assert not (tmp_path / "voc" / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "zeros.jpg").exists()
 
@@ -362,7 +353,7 @@ def test_27_huge_image_is_refused_before_decoding(world, tmp_path, monkeypatch):
     huge = tmp_path / "huge.png"
     huge.write_bytes(_png_header(9400, 9400))
     t0 = time.monotonic()
-    line = _refused(_cli("segment", "--config", world["cfg"], "--image", huge, "--out", tmp_path / "o.png"))
+    line = refused(_cli("segment", "--config", world["cfg"], "--image", huge, "--out", tmp_path / "o.png"))
     assert "9400 x 9400 = 88,360,000 pixels" in line and "--max-pixels" in line and time.monotonic() - t0 < 60
     from reclip_core.transforms import open_image
 
@@ -428,5 +419,5 @@ def test_27_data_prep_max_seconds_stops_a_trickle(trickle, tmp_path):
     t0 = time.monotonic()
     proc = _cli("voc", "--root", tmp_path / "voc", "--registry", tmp_path / "reg.yaml", "--no-progress",
                 "--max-seconds", "1.5", module="data_prep", timeout=60)
-    assert "could not download" in _refused(proc, 1) and time.monotonic() - t0 < 30
+    assert "could not download" in refused(proc, 1) and time.monotonic() - t0 < 30
     assert "not finished after" in proc.stderr and "--max-seconds 1.5" in proc.stderr

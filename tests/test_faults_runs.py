@@ -29,7 +29,7 @@ from reclip_core.checkpoint import LATEST, load_checkpoint, load_model_weights, 
 from reclip_core.hypothesis import FORMAT, check_hypotheses, load_hypotheses
 from reclip_core.run_lock import LOCK_NAME, RunFolderLocked, run_folder_lock
 
-from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config, write_tiny_world_config
+from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config, write_tiny_world_config, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,15 +39,6 @@ def _cli(*args, timeout: int = 240) -> subprocess.CompletedProcess:
     env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, "-m", "reclip_core", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _refused(proc: subprocess.CompletedProcess, status: int = 2) -> str:
-    """The one ``error:`` line of a refused command (and no traceback)."""
-    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +80,7 @@ def _weights_file(run: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 # 21. checkpoints: identity of the CLIP and templates, valid tensors, legacy files
 # ------------------------------------------------------------------------------------------------
-def _main_refused(capsys, *args) -> str:
+def _mainrefused(capsys, *args) -> str:
     """The same CLI in this process (cheaper than a subprocess for follow-up checks)."""
     from reclip_core.cli import main
 
@@ -101,7 +92,7 @@ def _main_refused(capsys, *args) -> str:
 def test_21_cli_refuses_a_checkpoint_of_another_clip_or_templates(world, capsys):
     run = _copy_run(world, "other_clip")
     # seed 1 builds another random tiny CLIP: same architecture, same classes, other weights
-    err = _refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "seed=1",
+    err = refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "seed=1",
                         "--quiet"))
     assert str(run / "checkpoints" / LATEST) in err and "was trained with CLIP weights" in err
     trained = json.loads((run / "checkpoints" / LATEST).read_text())["identity"]["clip_weights"]
@@ -112,7 +103,7 @@ def test_21_cli_refuses_a_checkpoint_of_another_clip_or_templates(world, capsys)
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
-    err = _main_refused(capsys, "segment", "--config", world["cfg"], "--set", "seed=1", "--image", img,
+    err = _mainrefused(capsys, "segment", "--config", world["cfg"], "--set", "seed=1", "--image", img,
                         "--checkpoint", run, "--out", world["tmp"] / "seg.png")
     assert trained in err and "but this model has CLIP weights" in err
     assert not (world["tmp"] / "seg.png").exists()
@@ -148,7 +139,7 @@ def test_21_cli_refuses_impossible_weights_naming_tensor_and_file(world, damage)
         assert str(path) in str(e.value) and name in str(e.value)
         assert {"negative_var": "negative variances", "int_dtype": "stored as torch.int32"}[damage] in str(e.value)
         return
-    err = _refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet"))
+    err = refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet"))
     assert str(path) in err and f"tensor {name} holds" in err and "non-finite" in err
     assert (run / "eval" / "metrics.json").read_text() == '{"earlier": "evaluation"}\n'
 
@@ -166,7 +157,7 @@ def test_21_cli_legacy_checkpoint_needs_the_explicit_flag(world):
     state = json.loads(latest.read_text())
     del state["identity"]  # what a checkpoint written before the record looks like
     latest.write_text(json.dumps(state))
-    err = _refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet"))
+    err = refused(_cli("evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet"))
     assert "does not record which CLIP weights" in err and "--allow-legacy-checkpoint" in err and "--no-resume" in err
     assert (run / "eval" / "metrics.json").read_text() == '{"earlier": "evaluation"}\n'
     from reclip_core.cli import main
@@ -230,7 +221,7 @@ def test_21_weight_validation_unit_cases(tmp_path, tiny_clip):
 def test_22_cli_refuses_non_finite_config_floats(world, tmp_path):
     from reclip_core.config import load_config
 
-    err = _refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'r'}",
+    err = refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'r'}",
                         "--set", "lr=.nan", "--quiet"))
     assert err == "error: config key 'lr' must be a finite number, got nan."
     assert not (tmp_path / "r").exists()
@@ -257,7 +248,7 @@ def test_22_hypotheses_must_be_class_indices(world, tmp_path, value):
             load_hypotheses(path, world["names"])
         assert str(path) in str(e.value) and repr(bad_id) in str(e.value)
         return
-    err = _refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'run'}", "--quiet"))
+    err = refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'run'}", "--quiet"))
     assert str(path) in err and f"image {bad_id!r} has the class index -1" in err and "0..9" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -270,7 +261,7 @@ def test_22_check_hypotheses_accepts_what_compute_hypotheses_writes():
 
 def test_22_cli_refuses_all_empty_hypotheses_before_training(world, tmp_path):
     path = _write_hypotheses(tmp_path / "run", world["names"], {i: [] for i in world["ids"]})
-    err = _refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'run'}", "--quiet"))
+    err = refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={tmp_path / 'run'}", "--quiet"))
     assert f"none of the 8 training images has a hypothesis class in {path}" in err and "no step" in err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "train_summary.json").exists()
 
@@ -290,7 +281,7 @@ def test_22_non_finite_advice_is_what_the_resume_rule_accepts(world, tmp_path, c
     run = tmp_path / "run"
     _write_hypotheses(run, world["names"], {i: [k % 10] for k, i in enumerate(world["ids"])})
     # a huge but finite lr: the loss stays finite for some steps while the weights blow up
-    err = _refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "lr=1e5",
+    err = refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "lr=1e5",
                         "--set", "epoch=3", "--quiet"), status=1)
     assert "non-finite" in err and "--no-resume --set lr=" in err
     for f in (run / "checkpoints").glob("step*.safetensors"):  # whatever was saved as good is finite
@@ -303,7 +294,7 @@ def test_22_non_finite_advice_is_what_the_resume_rule_accepts(world, tmp_path, c
 
     argv = ["train", "--config", str(world["cfg"]), "--set", f"output_dir={run}", "--set", "lr=0.001", "--set",
             "epoch=3", "--quiet"]
-    stale = _main_refused(capsys, *argv)
+    stale = _mainrefused(capsys, *argv)
     assert "different config" in stale and "--no-resume" in stale
     assert main(argv + ["--no-resume"]) == 0
     assert load_checkpoint(run).state["finished"] is True
@@ -318,11 +309,11 @@ def test_23_second_writer_is_refused_while_the_first_holds_the_lock(world, tmp_p
     with run_folder_lock(run, "train") as lock_file:  # this test process is the first writer
         holder = json.loads(lock_file.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        err = _refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "epoch=2",
+        err = refused(_cli("train", "--config", world["cfg"], "--set", f"output_dir={run}", "--set", "epoch=2",
                             "--quiet"))
         assert f"run folder {run} is in use" in err and f"pid {os.getpid()} on host {socket.gethostname()}" in err
         assert "`train`" in err and "--set output_dir=" in err
-        err = _main_refused(capsys, "evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet")
+        err = _mainrefused(capsys, "evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet")
         assert f"pid {os.getpid()}" in err
         with pytest.raises(RunFolderLocked):  # in-process too (a notebook beside a CLI run)
             with run_folder_lock(run, "evaluate"):

@@ -3,6 +3,8 @@ evaluation, checkpoint, CLI, DDP). Items follow docs/architecture.md: ``{"id", "
 training splits, ``{"id", "image", "label"}`` for evaluation splits."""
 from __future__ import annotations
 
+import subprocess
+
 from pathlib import Path
 from typing import Any, Dict
 
@@ -84,3 +86,12 @@ def write_tiny_world_config(tmp: Path, train_size: int = 16, val_size: int = 4, 
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def refused(proc: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The one ``error:`` line of a refused CLI command (and no traceback)."""
+    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
