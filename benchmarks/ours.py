@@ -9,8 +9,8 @@
   forwards;
 - training: the training loop's step (:func:`reclip_core.training._step`: one forward of a
   mini-batch, the vectorised Gumbel loss per image, one SGD step) over the library's label-free
-  views (:class:`reclip_core.training.TrainViews`), optionally on the library's feature cache
-  (:func:`reclip_core.training.build_feature_cache`).
+  views (:class:`reclip_core.views.TrainViews`), optionally on the library's feature cache
+  (:func:`reclip_core.feature_cache.build_feature_cache`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from torch.utils.data import default_collate
 
 from reclip_core.evaluation import EvalReport, evaluate
 from reclip_core.hypothesis import window_vote
-from reclip_core.training import CachedViews, TrainViews, _step, build_feature_cache
+from reclip_core.feature_cache import build_feature_cache
+from reclip_core.training import _step
+from reclip_core.views import CachedViews, TrainViews
 
 
 def window_geometry(crop: int) -> Tuple[int, int]:

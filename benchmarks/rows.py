@@ -226,7 +226,7 @@ class TrainSetup(RowSetup):
     paths = ("ours", "ours_cached", "release")
 
     def __init__(self, clip, cfg: dict, device: torch.device, text: torch.Tensor, n_timed: int):
-        from reclip_core.training import TrainViews
+        from reclip_core.views import TrainViews
         from reclip_core.transforms import TrainTransform
 
         self.clip, self.cfg, self.device = clip, cfg, device

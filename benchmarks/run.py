@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from reclip_core.markdown import markdown_table
+
 from . import harness
 from .rows import MODES, ROW_KIND, run_row
 
@@ -66,7 +68,7 @@ def _worker_main(spec: dict, out_path: Path) -> int:
 
 
 def harness_device(name: str) -> torch.device:
-    from reclip_core.backbone import resolve_device
+    from reclip_core.clip_loading import resolve_device
 
     return resolve_device(name)
 
@@ -254,10 +256,8 @@ def render_markdown(rows: List[dict], machine: dict, notes: List[str], command: 
                  f"{machine.get('load_average_end')}")
     lines.append(f"- total benchmark wall time: {total_s:.0f} s")
     lines += ["", "## Results", ""]
-    lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
-    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k, _ in COLUMNS) + " |")
+    lines += markdown_table([h for _, h in COLUMNS],
+                            ([str(r.get(k, "")).replace("|", "/") for k, _ in COLUMNS] for r in rows))
     lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 

@@ -47,7 +47,7 @@ def decode_split(preset, split: str, root=None, limit: int | None = None):
     import datasets
     from PIL import Image
 
-    from data_prep.toyworld import build_world
+    from reclip_core.datasets.toyworld_render import build_world
     from reclip_core.datasets.toyworld import world_dir
 
     path = world_dir(preset, root) / split

@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # backbone features
-    "load_clip": "backbone", "dense_features": "backbone", "encode_image_cls": "backbone",
-    "normalize_images": "backbone", "resolve_device": "backbone", "CLIP_MEAN": "backbone",
+    "load_clip": "clip_loading", "dense_features": "backbone", "encode_image_cls": "backbone",
+    "normalize_images": "backbone", "resolve_device": "clip_loading", "CLIP_MEAN": "backbone",
     "CLIP_STD": "backbone",
     # text embeddings
-    "PROMPT_TEMPLATES": "text", "class_names": "text", "text_embeddings": "text",
+    "PROMPT_TEMPLATES": "text", "class_names": "datasets.class_lists", "text_embeddings": "text",
     # bias model
     "ReferencePrompt": "reference_prompt", "PositionalBias": "positional_bias",
     "resized_positional_embedding": "positional_bias", "bias_logits": "rectify", "rectify": "rectify",
@@ -28,10 +28,13 @@ _EXPORTS = {
 }
 
 # Submodules reachable as attributes (``rc.lab.setup``, ``rc.plots``) without an explicit import.
-_SUBMODULES = ("backbone", "text", "reference_prompt", "positional_bias", "rectify", "decoder", "loss",
-               "model", "metrics", "bias_analysis", "atomic_io", "hypothesis", "training", "evaluation",
+_SUBMODULES = ("backbone", "clip_loading", "text", "reference_prompt", "positional_bias", "rectify", "decoder", "loss",
+               "model", "metrics", "bias_analysis", "atomic_io", "hypothesis", "views", "feature_cache",
+               "distributed", "model_factory", "training", "evaluation", "eval_report", "diagnostics",
+               "markdown", "bias_lab_report",
                "checkpoint", "config", "transforms", "segment", "lab", "plots", "toy_lab", "toy_clip",
-               "datasets", "reproduce")
+               "datasets", "reproduce", "paths", "profiles", "palette", "result_files", "benchmark_report",
+               "options", "config_schema", "run_inputs", "run_lock", "result_tables", "spread")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
@@ -270,7 +271,7 @@ def atomic_save_safetensors(
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], **save_kwargs: Any) -> Path:
     """``torch.save(obj)`` atomically (streams into the temp file; no full copy in memory)."""
-    import torch
+    import torch  # lazy: 1.6 s to import; data preparation and the CLI's messages write files without it
 
     class _Recording:  # torch's writer swallows a failed write and fails later with "unexpected pos"
         def __init__(self, fh: Any) -> None:
@@ -309,8 +310,6 @@ class StaleFileError(ValueError):
 def move_aside(path: str | os.PathLike[str]) -> Path:
     """Rename ``path`` (file or folder) to ``<name>.stale-<UTC time>`` beside it and return the new
     path: a stale result is set aside for comparison, never deleted."""
-    import time
-
     path = Path(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.stale-{stamp}")

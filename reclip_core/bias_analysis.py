@@ -24,6 +24,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from .metrics import check_class_count, check_label_maps, _to_numpy
 
@@ -289,9 +291,6 @@ class RegionReadoutAccumulator:
 
     def update(self, feat: Any, text: Any, target: Any) -> None:
         """``feat`` [B, D, h, w] dense features, ``text`` [C, D], ``target`` [B, H, W] labels."""
-        import torch
-        import torch.nn.functional as F
-
         feat = torch.as_tensor(feat).float()
         text = torch.as_tensor(text).float()
         t_np = _to_numpy(target, "target")

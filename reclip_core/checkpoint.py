@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .atomic_io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from .cli_errors import not_a_file
+from .options import MODEL_KINDS
 from .checkpoint_checks import check_identity, checkpoint_identity, validate_weights  # noqa: F401  (re-exported)
 
 LATEST = "latest.json"
@@ -110,8 +114,6 @@ def find_checkpoint(path: PathLike) -> Optional[Path]:
 def load_checkpoint(path: PathLike, load_optimizer: bool = True) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint` (a run folder, its ``checkpoints``
     folder or ``latest.json``). The optimizer state is read with ``weights_only=True``."""
-    from safetensors.torch import load_file
-
     latest = find_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {LATEST} in it or in its 'checkpoints' "
@@ -207,8 +209,6 @@ def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]
     else:
         p = Path(path_or_state)
         if not p.is_file():
-            from .cli_errors import not_a_file
-
             raise FileNotFoundError(f"release checkpoint {p} {not_a_file(p)}.")
         try:
             raw = torch.load(p, map_location="cpu", weights_only=True)
@@ -225,7 +225,7 @@ def convert_release_checkpoint(path_or_state: Union[PathLike, Mapping[str, Any]]
     bare = [key[len("module."):] if key.startswith("module.") else key for key in raw]
     if model is None:
         model = "reclip" if any(k.startswith("proj_net.") or k in RELEASE_RECLIP_ALIASES for k in bare) else "reclip++"
-    if model not in ("reclip++", "reclip"):
+    if model not in MODEL_KINDS:
         raise ValueError(f"model must be 'reclip++' or 'reclip' (or None to detect it), got {model!r}.")
     key_map = RELEASE_KEY_MAP if model == "reclip++" else RELEASE_RECLIP_KEY_MAP
     aliases = RELEASE_RECLIP_ALIASES if model == "reclip" else {}
@@ -288,8 +288,6 @@ def load_model_weights(model: torch.nn.Module, path: PathLike, allow_legacy: boo
         model.load_trainable_state_dict(ck.weights)
         return ck.state
     if p.suffix == ".safetensors" and p.is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
         try:
             with safe_open(str(p), "pt") as f:

@@ -12,15 +12,15 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from .clip_loading import clip_fingerprint
+from .provenance import settings_fingerprint
+
 
 def checkpoint_identity(model: torch.nn.Module) -> Dict[str, str]:
     """What trained heads depend on besides their class list: the frozen CLIP's weights and the text
     templates averaged into the class features. Heads trained on one CLIP are meaningless on
     another, yet load without any shape error. Reuses the digests the hypotheses and the resume
-    fingerprint already record (``backbone.clip_fingerprint``, ``hypothesis.settings_fingerprint``)."""
-    from .backbone import clip_fingerprint
-    from .hypothesis import settings_fingerprint
-
+    fingerprint already record (``clip_loading.clip_fingerprint``, ``provenance.settings_fingerprint``)."""
     return {"clip_weights": clip_fingerprint(model.clip),
             "templates": settings_fingerprint({"t": list(model.templates)})}
 

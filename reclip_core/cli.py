@@ -70,7 +70,7 @@ def _run_dir(cfg) -> Path:
 def _load_clip(cfg):
     import torch
 
-    from .backbone import load_clip
+    from .clip_loading import load_clip
 
     if cfg.clip.pretrained is None:
         torch.manual_seed(cfg.seed)  # a random CLIP: the same one `train` and `evaluate` build
@@ -78,8 +78,9 @@ def _load_clip(cfg):
 
 
 def cmd_hypothesis(args, cfg) -> int:
-    from .config import build_dataset, resolve_class_names
+    from .run_inputs import build_dataset, resolve_class_names
     from .hypothesis import hypotheses_from_config, hypothesis_stats
+    from .run_lock import run_folder_lock
 
     split = args.split or cfg.train_split
     out = Path(args.out) if args.out else _run_dir(cfg) / (
@@ -89,13 +90,14 @@ def cmd_hypothesis(args, cfg) -> int:
     limit = cfg.max_train_images if split == cfg.train_split else cfg.max_val_images
     clip = _load_clip(cfg)
     t0 = time.monotonic()
-    hyps = hypotheses_from_config(cfg, clip, split, out, resume=not args.no_resume, progress=not args.quiet)
+    with run_folder_lock(out.parent, "hypothesis"):  # train reads this file: one writer per folder
+        hyps = hypotheses_from_config(cfg, clip, split, out, resume=not args.no_resume, progress=not args.quiet)
     stats = hypothesis_stats(hyps, len(names))
     print(f"hypotheses: {stats['images']} images of split {split!r} in {time.monotonic() - t0:.1f}s, "
           f"{stats['mean_classes']:.2f} classes per image, {stats['empty']} empty -> {out}")
     probe = dataset[0]
     if "label" in probe:  # a labelled split: score the hypotheses (evaluation code reads the labels)
-        from .evaluation import hypothesis_quality
+        from .diagnostics import hypothesis_quality
 
         q = hypothesis_quality(hyps, dataset, len(names), max_images=limit)
         print(f"hypothesis precision {100 * q['precision']:.1f}%  recall {100 * q['recall']:.1f}%  "
@@ -106,7 +108,8 @@ def cmd_hypothesis(args, cfg) -> int:
 def cmd_train(args, cfg) -> int:
     import torch.distributed as dist
 
-    from .training import init_distributed_from_env, train
+    from .distributed import init_distributed_from_env
+    from .training import train
 
     launched = init_distributed_from_env(cfg.device)
     try:
@@ -136,7 +139,7 @@ def cmd_evaluate(args, cfg) -> int:
 
 def cmd_segment(args, cfg) -> int:
     from .atomic_io import atomic_save_figure
-    from .config import resolve_class_names
+    from .run_inputs import resolve_class_names
     from .segment import segment
 
     if args.max_pixels is not None:  # read by transforms.open_image (image_limits.pixel_limit)
@@ -164,7 +167,7 @@ def cmd_segment(args, cfg) -> int:
 
 
 def _segment_folder(args, cfg, names: List[str], clip) -> int:
-    from .config import resolve_templates
+    from .run_inputs import resolve_templates
     from .segment_folder import segment_folder
 
     if not args.out:

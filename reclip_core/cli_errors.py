@@ -12,6 +12,8 @@ import stat
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+import yaml
+
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -40,11 +42,14 @@ def _written_path(filename: Optional[str]) -> str:
     return str(p.parent) if p.name.startswith(".") and p.name.endswith(".tmp") else str(p)
 
 
+class RunStopped(RuntimeError):
+    """A run the pipeline stopped on purpose, with a message that says what to do (exit status 1);
+    e.g. ``training.NonFiniteLossError``."""
+
+
 def explain(err: BaseException) -> Optional[Tuple[int, str]]:
     """``(exit status, message)`` for a fault the user can fix, or None for a bug (re-raised)."""
-    from .training import NonFiniteLossError
-
-    if isinstance(err, NonFiniteLossError):
+    if isinstance(err, RunStopped):
         return 1, str(err)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return 1, str(err)
@@ -53,11 +58,7 @@ def explain(err: BaseException) -> Optional[Tuple[int, str]]:
         return 2, (f"cannot {verb} {_written_path(err.filename)} ({err.strerror}): it is read-only or not yours. "
                    "Make it writable (or readable), or write elsewhere (--set output_dir=DIR for a run, --out PATH for "
                    "a file).")
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - yaml is a dependency
-        yaml = None
-    if yaml is not None and isinstance(err, yaml.YAMLError):
+    if isinstance(err, yaml.YAMLError):
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1} of {mark.name}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]

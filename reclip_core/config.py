@@ -1,12 +1,13 @@
 """Run configurations: YAML files shipped in ``reclip_core/configs/`` plus ``--set k=v`` overrides.
 
 A config is one flat-ish mapping (only ``clip`` and ``dataset_kwargs`` nest). Every key has a
-declared type and default in :data:`SCHEMA`; a file or an override naming any other key is an
-error whose message lists the valid keys, because a typo such as ``--set max_epochs=5`` would
-otherwise be silently ignored and a long run would use the default.
+declared type and default in :data:`SCHEMA`, derived from the grouped dataclasses of
+:mod:`reclip_core.config_schema`; a file or an override naming any other key is an error whose
+message lists the valid keys, because a typo such as ``--set max_epochs=5`` would otherwise be
+silently ignored and a long run would use the default.
 
     cfg = load_config("voc", ["lr=0.02", "clip.pretrained=/path/to/weights.safetensors"])
-    cfg.lr, cfg.clip.arch, cfg["batch_size"]
+    cfg.lr, cfg.clip.arch, cfg["batch_size"], cfg.typed().optimisation.lr
 """
 from __future__ import annotations
 
@@ -14,28 +15,17 @@ import copy
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .cli_errors import not_a_file
+from .config_schema import (GROUPS, KNOWN_DATASETS, KNOWN_PROFILES, REQUIRED, ConfigGroups, accepted_types,
+                            default_of, group_fields)
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-#: datasets the readers know (``reclip_core.datasets.get_dataset`` names)
-KNOWN_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toyworld", "folder")
-#: what a config's ``profile`` may say: the paper's settings, the toy lab, or anything hand-made
-KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
-MODEL_KINDS = ("reclip++", "reclip")
-HYPOTHESIS_MODES = ("window", "threshold")
-# Release options: the first value is the project's choice (the default), the second the release's.
-CLASS_NAME_SETS = ("project", "release")
-HYPOTHESIS_TILINGS = ("fit", "release")
-HYPOTHESIS_CLIPS = ("model", "plain")
-LOSS_NORMALISATIONS = ("nonempty", "batch")
-BIAS_MODES = ("both", "class", "space")
-
-_REQUIRED = object()  # marker: the key has no default and must come from the file
 
 
 @dataclass(frozen=True)
@@ -49,92 +39,39 @@ class Key:
     choices: Optional[Tuple[Any, ...]] = None
 
 
-def _k(types, default, help, optional=False, choices=None) -> Key:
-    types = types if isinstance(types, tuple) else (types,)
-    return Key(types, default, help, optional, choices)
+#: the order of :data:`SCHEMA`, :func:`valid_keys` and their messages: the keys shared with the
+#: benchmark configs (paper profile) first, then the suite's own
+KEY_ORDER = (
+    "dataset", "profile", "class_names", "class_name_set", "num_classes", "test_size", "crop", "pd_threshold",
+    "pd_scale", "reclip_pd_threshold", "reclip_pd_scale", "max_epoch", "epoch", "batch_size", "lr", "momentum",
+    "weight_decay", "hypothesis_window", "hypothesis_stride", "hypothesis_tiling", "hypothesis_clip",
+    "reduce_zero_label", "data_root", "clip",
+    "seed", "output_dir", "model", "use_decoder", "bias_mode", "gumbel_scale", "loss_normalisation", "score_scale",
+    "templates", "hypothesis_mode", "hypothesis_threshold", "hypothesis_topk", "hypothesis_batch_size",
+    "hypothesis_input_size", "max_long_side", "scale_range", "train_scale", "flip", "photometric", "feature_cache",
+    "feature_cache_views", "feature_cache_path", "num_workers", "num_threads", "eval_batch_size", "device",
+    "log_every", "checkpoint_every", "keep_checkpoints", "max_train_images", "max_val_images", "train_split",
+    "val_split", "dataset_kwargs",
+)
 
 
-# Keys shared with the benchmark configs (paper profile) come first, then the suite's own.
-SCHEMA: Dict[str, Key] = {
-    "dataset": _k(str, _REQUIRED, "dataset reader name", choices=KNOWN_DATASETS),
-    "profile": _k(str, "custom", "which settings these are", choices=KNOWN_PROFILES),
-    "class_names": _k((str, list), None, "class list: a dataset name for class_names(), a text file (one class per "
-                      "line, comma-separated synonyms), or a list", optional=True),
-    "class_name_set": _k(str, "project", "which list a dataset name reads: 'project' (class_names/<name>.txt) or "
-                         "'release' (class_names/release/<name>.txt, the strings the authors' checkpoints were "
-                         "trained with)", choices=CLASS_NAME_SETS),
-    "num_classes": _k(int, None, "number of evaluated classes (checked against class_names)", optional=True),
-    "test_size": _k(int, _REQUIRED, "evaluation short side (long side <= max_long_side)"),
-    "crop": _k(int, _REQUIRED, "training crop side; also sets the hypothesis window int(crop/6)"),
-    "pd_threshold": _k(float, _REQUIRED, "presence-filter threshold (PD)"),
-    "pd_scale": _k(float, 10.0, "PD softmax scale s: p = softmax(s · logits) (ReCLIP++'s 10)"),
-    "reclip_pd_threshold": _k(float, None, "PD threshold of a ReCLIP model's own head (release: TEST.ReCLIP_PD; "
-                              "None: pd_threshold)", optional=True),
-    "reclip_pd_scale": _k(float, None, "PD softmax scale of a ReCLIP model's own head (release: 100; None: "
-                          "pd_scale)", optional=True),
-    "max_epoch": _k(int, _REQUIRED, "MAX_EPOCH of the poly schedule"),
-    "epoch": _k(int, _REQUIRED, "EPOCH: training stops after this many epochs"),
-    "batch_size": _k(int, _REQUIRED, "global batch size (split over DDP processes)"),
-    "lr": _k(float, _REQUIRED, "base learning rate"),
-    "momentum": _k(float, 0.9, "SGD momentum"),
-    "weight_decay": _k(float, 5e-4, "SGD weight decay"),
-    "hypothesis_window": _k(int, None, "window side in pixels (None: int(crop/6))", optional=True),
-    "hypothesis_stride": _k(int, None, "window stride (None: int(window/2))", optional=True),
-    "hypothesis_tiling": _k(str, "fit", "window starts: 'fit' (every window that fits; one clipped window on a "
-                            "smaller image) or 'release' (starts strictly below H - w and W - w)",
-                            choices=HYPOTHESIS_TILINGS),
-    "hypothesis_clip": _k(str, "model", "CLIP of the hypotheses: 'model' (with clip.ln_eps / clip.cls_token) or "
-                          "'plain' (CLIP's own eps and class embedding, as the release)", choices=HYPOTHESIS_CLIPS),
-    "reduce_zero_label": _k(bool, False, "label 0 is background -> ignore (reader option)"),
-    "data_root": _k(str, None, "dataset root folder (None: the reader's default)", optional=True),
-    "clip": {
-        "arch": _k(str, "ViT-B-16-quickgelu", "open_clip architecture, 'toy', or a model-config .json"),
-        "pretrained": _k(str, "openai", "weights tag or file (None: random)", optional=True),
-        "ln_eps": _k(float, None, "LayerNorm eps in the visual blocks (release: 1e-6)", optional=True),
-        "cls_token": _k(str, None, "path to a class-token tensor (release option)", optional=True),
-    },
-    # --- the suite's own keys --------------------------------------------------------------------
-    "seed": _k(int, 0, "seed of sampling, augmentation and Gumbel noise"),
-    "output_dir": _k(str, None, "run folder (None: runs/<config name>)", optional=True),
-    "model": _k(str, "reclip++", "what to train", choices=MODEL_KINDS),
-    "use_decoder": _k(bool, True, "ReCLIP++ mask decoder on (False: rectification only)"),
-    "bias_mode": _k(str, "both", "ReCLIP++ bias ablation", choices=BIAS_MODES),
-    "gumbel_scale": _k(float, None, "scale of the logits inside the loss's Gumbel-Softmax (None: the method's "
-                       "constant, 100 for ReCLIP++ and 1000 for ReCLIP; other values are ablations)", optional=True),
-    "loss_normalisation": _k(str, "nonempty", "divisor of a batch's loss: 'nonempty' (images with a hypothesis) "
-                             "or 'batch' (the batch size, as the release)", choices=LOSS_NORMALISATIONS),
-    "score_scale": _k((float, str), None, "scale s of the loss's class scores s · pooled_k · textᵀ (None: the method's "
-                      "100, OpenAI CLIP's logit scale; 'clip': this CLIP's own logit scale exp(logit_scale), "
-                      "≈ 100 for OpenAI's; a number: an ablation)", optional=True),
-    "templates": _k((str, list), "all", "'all' (85 templates), 'single' ('a photo of a {}.') or a list"),
-    "hypothesis_mode": _k(str, "window", "ReCLIP++ window vote or ReCLIP threshold/top-K", choices=HYPOTHESIS_MODES),
-    "hypothesis_threshold": _k(float, 23.0, "ReCLIP: whole-image score (100*cos) threshold"),
-    "hypothesis_topk": _k(int, 1, "ReCLIP: classes taken when none passes the threshold"),
-    "hypothesis_batch_size": _k(int, 256, "windows per CLIP forward (bounds memory)"),
-    "hypothesis_input_size": _k(int, None, "window input side (None: the CLIP's own image size)", optional=True),
-    "max_long_side": _k(int, 2048, "long-side cap of evaluation and training resizes"),
-    "scale_range": _k(list, [0.5, 2.0], "random rescale ratio range of training views"),
-    "train_scale": _k(list, None, "[long, short] base scale of training views (None: [max_long_side, crop])", optional=True),
-    "flip": _k(bool, True, "random horizontal flip of training views"),
-    "photometric": _k(bool, True, "photometric distortion of training views"),
-    "feature_cache": _k(bool, False, "cache frozen CLIP features of fixed views (see docs/training.md)"),
-    "feature_cache_views": _k(int, 1, "fixed views per image when feature_cache is on"),
-    "feature_cache_path": _k(str, None, "where the feature cache lives (None: <run>/feature_cache.safetensors); "
-                             "runs with the same CLIP, data and views may share one", optional=True),
-    "num_workers": _k(int, 0, "DataLoader workers"),
-    "num_threads": _k(int, None, "torch CPU threads of a CLI command (None: torch's default)", optional=True),
-    "eval_batch_size": _k(int, 8, "consecutive validation images of equal size run in one forward"),
-    "device": _k(str, "auto", "'auto', 'cpu', 'cuda', 'cuda:1'..."),
-    "log_every": _k(int, 10, "steps between progress lines and loss-CSV flushes"),
-    "checkpoint_every": _k(int, 0, "steps between mid-epoch checkpoints (0: end of each epoch only)"),
-    "keep_checkpoints": _k(int, 2, "checkpoints kept on disk (older ones are deleted)"),
-    "max_train_images": _k(int, None, "use only the first N training images", optional=True),
-    "max_val_images": _k(int, None, "evaluate only the first N validation images", optional=True),
-    "train_split": _k(str, "train", "split of unlabeled training images"),
-    "val_split": _k(str, "val", "split evaluated"),
-    "dataset_kwargs": _k(dict, {}, "extra keyword arguments of the dataset reader (e.g. preset)"),
-}
-NESTED = ("clip",)
+def _key(f: Field, hint: Any) -> Union[Key, Dict[str, Key]]:
+    """A dataclass field → its :class:`Key` (a nested group → a mapping of them)."""
+    if is_dataclass(hint):
+        return {g.name: _key(g, h) for g, h in group_fields(hint)}
+    types, optional = accepted_types(hint)
+    return Key(types, default_of(f), f.metadata["help"], optional, f.metadata["choices"])
+
+
+def _schema() -> Dict[str, Any]:
+    keys = {f.name: _key(f, hint) for g in GROUPS for f, hint in group_fields(g)}
+    if sorted(keys) != sorted(KEY_ORDER):
+        raise RuntimeError(f"KEY_ORDER and the config groups disagree on {sorted(set(keys) ^ set(KEY_ORDER))}")
+    return {k: keys[k] for k in KEY_ORDER}
+
+
+SCHEMA: Dict[str, Any] = _schema()  # key -> Key, or (``clip``) sub-key -> Key
+NESTED = tuple(k for k, v in SCHEMA.items() if isinstance(v, dict))
 
 
 def valid_keys() -> List[str]:
@@ -167,6 +104,10 @@ class Config(dict):
 
     def to_dict(self) -> Dict[str, Any]:
         return copy.deepcopy(dict(self))
+
+    def typed(self) -> ConfigGroups:
+        """The config as typed, frozen groups (``cfg.typed().optimisation.lr``, ``cfg.typed().run``)."""
+        return ConfigGroups.from_flat(self)
 
     # Derived values: one place so hypothesis, training and docs agree.
     @property
@@ -254,7 +195,7 @@ def validate(raw: Mapping[str, Any], name: str = "custom") -> Config:
             for sk, s in spec.items():
                 sub.setdefault(sk, copy.deepcopy(s.default))
         elif k not in out:
-            if spec.default is _REQUIRED:
+            if spec.default is REQUIRED:
                 raise ValueError(f"config lacks the required key {k!r} ({spec.help}); "
                                  f"copy one of {available_configs()} from {CONFIG_DIR} and edit it.")
             out[k] = copy.deepcopy(spec.default)
@@ -343,8 +284,6 @@ def resolve_config_path(name_or_path: Union[str, os.PathLike]) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
         if not p.is_file():
-            from .cli_errors import not_a_file
-
             raise FileNotFoundError(f"config file {p} {not_a_file(p)}; use one of {available_configs()} "
                                     "or a path to a YAML file.")
         return p
@@ -370,69 +309,5 @@ def load_config(name_or_path: Union[str, os.PathLike, Mapping[str, Any]],
     return validate(apply_overrides(raw, overrides), name=name)
 
 
-# ------------------------------------------------------------------------------------------------
-# Things every command derives from a config
-# ------------------------------------------------------------------------------------------------
-def resolve_class_names(cfg: Mapping[str, Any]) -> List[str]:
-    """The class list: ``class_names`` (list, dataset name or text file) else ``text.class_names(dataset)``;
-    a dataset name reads the ``class_name_set`` list (the project's or the release's), any other
-    string is a class-name file (``text.read_class_file``)."""
-    from .text import DATASETS, class_names, read_class_file, validate_class_names
-
-    cn = cfg.get("class_names")
-    source = cfg.get("class_name_set", "project")
-    if isinstance(cn, list):
-        names = validate_class_names(cn)
-    elif isinstance(cn, str) and cn not in DATASETS:
-        if not Path(cn).is_file():
-            raise ValueError(f"class_names {cn!r} is neither a dataset name ({', '.join(DATASETS)}) nor an existing "
-                             "class-name file; pass a file with one class per line (docs/your-images.md).")
-        names = read_class_file(cn)
-    elif isinstance(cn, str):
-        names = class_names(cn, source=source)
-    elif cfg["dataset"] == "folder":
-        raise ValueError("the folder dataset needs your class names: --set class_names=FILE (one class per line, "
-                         "see docs/your-images.md) or a list --set 'class_names=[cat, dog]'.")
-    elif cfg["dataset"] == "toyworld" and source == "project":
-        from .datasets.toyworld import toyworld_class_names
-
-        names = toyworld_class_names(cfg.get("dataset_kwargs", {}).get("preset", "biased"))
-    else:
-        names = class_names(cfg["dataset"], source=source)
-    if cfg.get("num_classes") is not None and cfg["num_classes"] != len(names):
-        raise ValueError(f"num_classes is {cfg['num_classes']} but the class list has {len(names)} names.")
-    return names
-
-
-def resolve_templates(cfg: Mapping[str, Any]) -> List[str]:
-    from .text import PROMPT_TEMPLATES
-
-    t = cfg["templates"]
-    if t == "all":
-        return list(PROMPT_TEMPLATES)
-    if t == "single":
-        return ["a photo of a {}."]
-    return list(t)
-
-
-def build_dataset(cfg: Mapping[str, Any], split: str):
-    """The dataset reader for ``split`` (``get_dataset`` when the readers are installed)."""
-    kwargs = dict(cfg.get("dataset_kwargs") or {})
-    if cfg["dataset"] == "folder":  # label ids are checked against the class count
-        kwargs.setdefault("num_classes", len(resolve_class_names(cfg)))
-    try:
-        from .datasets import get_dataset  # the benchmark readers' entry point
-    except ImportError:
-        get_dataset = None
-    if get_dataset is not None:
-        return get_dataset(cfg["dataset"], split, root=cfg.get("data_root"), **kwargs)
-    if cfg["dataset"] == "toyworld":
-        from .datasets.toyworld import ToyWorld
-
-        return ToyWorld(split, root=cfg.get("data_root"), **kwargs)
-    raise ValueError(f"no reader for dataset {cfg['dataset']!r} is installed (reclip_core.datasets.get_dataset).")
-
-
 __all__ = ("SCHEMA", "Config", "load_config", "validate", "valid_keys", "available_configs",
-           "apply_overrides", "parse_override", "resolve_config_path", "resolve_class_names",
-           "resolve_templates", "build_dataset", "KNOWN_DATASETS", "KNOWN_PROFILES")
+           "apply_overrides", "parse_override", "resolve_config_path", "KNOWN_DATASETS", "KNOWN_PROFILES")

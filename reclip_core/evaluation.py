@@ -5,8 +5,11 @@ One forward of a ReCLIP++ model gives three segmentations — ``maskclip`` (the 
 the biased baseline), ``rectified`` (CLIP logits − bias map) and ``reclip++`` (the decoder
 output) — so all three are scored in one pass, each with and without PD, into streaming
 :class:`~reclip_core.metrics.SegMetric` confusion matrices (nothing is written per image).
-The model runs in eval mode under ``no_grad``, where it computes the Reference features and the
-bias map once per input size and reuses them.
+Further measurements ride along as *accumulators* (:class:`Accumulator`): objects whose
+``update(batch)`` sees each head's predictions, logits, labels and model outputs batch by batch
+(the bias metrics and kept examples of :func:`evaluate` are two of them). The model runs in eval
+mode under ``no_grad``, where it computes the Reference features and the bias map once per input
+size and reuses them.
 
 Choices (documented deviations or unknowns of the release):
 
@@ -16,25 +19,30 @@ Choices (documented deviations or unknowns of the release):
   are upsampled to the label size (mmseg's order);
 * the last checkpoint is evaluated; no checkpoint is chosen by validation score.
 
-Hypothesis precision/recall against ground truth is here too: labels are read only in this module.
+This is evaluation code: it reads labels (training never does).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .bias_analysis import BiasAccumulator
+from .checkpoint import find_checkpoint, load_model_weights
+from .eval_report import EvalReport
 from .metrics import SegMetric
+from .model_factory import build_model
 from .rectify import presence_filter
+from .run_inputs import build_dataset
+from .run_lock import run_folder_lock
 from .transforms import eval_preprocess, to_image_tensor
 
 #: output key of the model → reported name
@@ -52,87 +60,172 @@ def upsample_logits(logits: torch.Tensor, patch: int, input_hw: Tuple[int, int],
     return x
 
 
-@dataclass
-class EvalReport:
-    """Metrics per head and PD setting: ``metrics[head]["pd"|"no_pd"]`` is a :class:`SegMetric`."""
-
-    class_names: List[str]
-    metrics: Dict[str, Dict[str, SegMetric]]
-    images: int
-    pd_threshold: float
-    info: Dict[str, Any] = field(default_factory=dict)
-    #: per head, a BiasAccumulator of the predictions without PD (``evaluate(..., bias_grid=g)``)
-    bias: Dict[str, Any] = field(default_factory=dict)
-    #: the first ``examples`` images: ``ids``, ``images`` (uint8 HxWx3), ``labels``, ``inputs``
-    #: (the normalised model inputs) and one predicted label map per head (``evaluate(..., examples=n)``)
-    examples: Dict[str, List[Any]] = field(default_factory=dict)
-
-    def summary(self) -> "Any":
-        """DataFrame: one row per head; mIoU (mmseg and release definitions) with PD off and on, pixel acc."""
-        import pandas as pd
-
-        rows = []
-        for head, by_pd in self.metrics.items():
-            row = {"model": head}
-            for tag in ("no_pd", "pd"):
-                m = by_pd[tag]
-                row[f"mIoU_{tag}"] = m.miou()
-                row[f"mIoU_release_{tag}"] = m.miou_release()
-                row[f"aAcc_{tag}"] = m.pixel_accuracy()
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    def per_class(self, head: str, pd: bool = False):
-        return self.metrics[head]["pd" if pd else "no_pd"].table(self.class_names)
-
-    def per_class_iou(self, pd: bool = False) -> "Any":
-        """DataFrame: one row per class, its IoU (%) under every head side by side (NaN where the
-        class has no union) — where a head gains or loses, class by class."""
-        import pandas as pd_
-
-        table = pd_.DataFrame({"class": self.class_names})
-        for head in self.metrics:
-            table[head] = self.per_class(head, pd=pd)["iou"].to_numpy()
-        return table
-
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"images": self.images, "pd_threshold": self.pd_threshold,
-                               "class_names": self.class_names, "info": self.info, "results": {}}
-        for head, by_pd in self.metrics.items():
-            out["results"][head] = {
-                tag: {"mIoU": m.miou(), "mIoU_release": m.miou_release(), "aAcc": m.pixel_accuracy(),
-                      "IoU": [None if math.isnan(v) else v * 100 for v in m.iou().tolist()]}
-                for tag, m in by_pd.items()}
-        return out
-
-    def save(self, folder: os.PathLike) -> Path:
-        """``metrics.json``, ``summary.csv`` and ``per_class_<head>_<pd|no_pd>.csv`` (atomic)."""
-        from .atomic_io import atomic_write_files
-
-        folder = Path(folder)
-        # Rendered in memory, then written as one unit: a failure (full disk) leaves every previous
-        # file as it was, never a new metrics.json beside old per-class tables.
-        files = {folder / "metrics.json": json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n",
-                 folder / "summary.csv": self.summary().to_csv(index=False)}
-        for head, by_pd in self.metrics.items():
-            for tag, m in by_pd.items():
-                files[folder / f"per_class_{head.replace('+', 'p')}_{tag}.csv"] = m.table(self.class_names).to_csv(index=False)
-        atomic_write_files(files)
-        return folder
-
-    def format(self) -> str:
-        """Side-by-side text table of the heads (mmseg mIoU, release mIoU; PD off / on)."""
-        lines = [f"{'model':<10} {'mIoU':>7} {'mIoU+PD':>8} {'rel.mIoU':>9} {'rel.+PD':>8}   ({self.images} images, "
-                 f"PD threshold {self.pd_threshold})"]
-        for head, by_pd in self.metrics.items():
-            a, b = by_pd["no_pd"], by_pd["pd"]
-            lines.append(f"{head:<10} {a.miou():7.2f} {b.miou():8.2f} {a.miou_release():9.2f} {b.miou_release():8.2f}")
-        return "\n".join(lines)
-
-
-def _patch(model: nn.Module) -> int:
+def patch_size(model: nn.Module) -> int:
+    """The ViT patch side of a segmenter's CLIP (the token grid step)."""
     ps = model.clip.visual.patch_size
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+@dataclass
+class EvalBatch:
+    """What an accumulator sees: one head's predictions for images of one forward whose labels have
+    one size (usually the whole batch)."""
+
+    head: str
+    ids: List[Any]
+    #: the dataset's images, as it returned them
+    images: List[Any]
+    #: the normalised model inputs [B, 3, H', W'] (on the model's device)
+    inputs: torch.Tensor
+    #: the model's outputs for these images (``feat``, ``clip_logits``, ...)
+    outputs: Dict[str, torch.Tensor]
+    #: long [B, H, W] labels (CPU), ``ignore_index`` = not scored
+    label: torch.Tensor
+    #: this head's logits without PD, upsampled to the label size [B, C, H, W]
+    logits: torch.Tensor
+    #: their argmax, long [B, H, W] (CPU): what the no-PD metrics score
+    pred: torch.Tensor
+
+
+class Accumulator(Protocol):
+    """An extra measurement of :func:`evaluate`, fed batch by batch."""
+
+    def update(self, batch: EvalBatch) -> None: ...
+
+
+class PredictionAccumulator:
+    """An accumulator of ``update(pred, label)`` (``BiasAccumulator``, ``SegMetric``) as an
+    :class:`Accumulator` of a head's no-PD predictions."""
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def update(self, batch: EvalBatch) -> None:
+        self.target.update(batch.pred, batch.label)
+
+
+class KeptExamples:
+    """The first ``n`` images and their predictions, for figures: ``ids``, ``images`` (uint8
+    HxWx3), ``labels``, ``inputs`` (the normalised model inputs, [1, 3, H', W'] on the CPU) and one
+    predicted label map per head. Register it for every head; ``first_head`` keeps the images."""
+
+    def __init__(self, n: int, first_head: str):
+        self.n, self.first_head = int(n), first_head
+        self.kept: Dict[str, List[Any]] = {"ids": [], "images": [], "labels": [], "inputs": []}
+
+    def update(self, batch: EvalBatch) -> None:
+        preds = self.kept.setdefault(batch.head, [])
+        for k in range(len(batch.ids)):
+            if len(preds) < self.n:
+                preds.append(batch.pred[k].numpy())
+            if batch.head == self.first_head and len(self.kept["ids"]) < self.n:
+                self.kept["ids"].append(batch.ids[k])
+                self.kept["images"].append(np.asarray(batch.images[k].convert("RGB")))
+                self.kept["labels"].append(batch.label[k].numpy())
+                self.kept["inputs"].append(batch.inputs[k:k + 1].cpu().clone())
+
+
+@dataclass
+class _Item:
+    """One image waiting for its batch's forward."""
+
+    input: torch.Tensor  # [1, 3, H', W'] normalised (CPU)
+    label: np.ndarray
+    id: Any
+    image: Any
+
+
+def _labelled_item(dataset, i: int) -> Tuple[Dict[str, Any], np.ndarray]:
+    """Item ``i`` and its label as an array, refused when it has none or one of another size."""
+    item = dataset[i]
+    if "label" not in item:
+        raise ValueError("evaluation needs labelled items {'id', 'image', 'label'}: use the validation split.")
+    image, label = item["image"], np.asarray(item["label"])
+    hw = (image.height, image.width) if hasattr(image, "height") else tuple(to_image_tensor(image).shape[-2:])
+    if label.shape != hw:
+        # upsampling to the label size would silently score a stretched prediction
+        raise ValueError(f"image {item.get('id', i)!r} is {hw[0]}x{hw[1]} but its label has shape {label.shape}: "
+                         "a label must be an H x W map of the image's own size. Fix the dataset reader, or "
+                         "regenerate the labels (benchmarks: `python -m data_prep NAME --root ROOT --force`).")
+    return item, label
+
+
+def _rows(value: Any, rows: List[int], batch: int) -> Any:
+    """``value[rows]`` for a per-image output of a forward of ``batch`` images; anything else as is."""
+    return value[rows] if torch.is_tensor(value) and value.ndim and value.shape[0] == batch else value
+
+
+class _Scorer:
+    """One forward per batch and what it scores: the metrics of every head (PD off and on) and the
+    accumulators, created at the first forward (its outputs say which heads the model has)."""
+
+    def __init__(self, model: nn.Module, heads: Optional[Sequence[str]], ignore_index: int,
+                 pd_rule: Tuple[float, float], model_pd: Optional[Tuple[float, float]], bias_grid: Optional[int],
+                 examples: int, accumulators: Optional[Mapping[str, Sequence[Accumulator]]]):
+        self.model, self.heads, self.ignore_index = model, heads, ignore_index
+        self.pd_rule, self.model_pd = pd_rule, model_pd
+        self.bias_grid, self.examples, self.extra = bias_grid, examples, dict(accumulators or {})
+        self.device = model.clip.visual.conv1.weight.device
+        self.patch = patch_size(model)
+        self.num_classes = len(model.class_names)
+        self.metrics: Optional[Dict[str, Dict[str, SegMetric]]] = None
+        self.bias: Dict[str, BiasAccumulator] = {}
+        self.kept: Optional[KeptExamples] = None
+        self.accumulators: Dict[str, List[Accumulator]] = {}
+
+    def _start(self, out: Mapping[str, torch.Tensor]) -> None:
+        # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
+        available = ["maskclip"] + (["rectified"] if "rectified" in out else [])
+        available += ["reclip++"] if getattr(self.model, "use_decoder", False) else []
+        chosen = list(self.heads) if self.heads is not None else available
+        bad = [h for h in chosen if h not in available]
+        if bad:
+            raise ValueError(f"heads {bad} are not produced by {type(self.model).__name__}; available: {available}.")
+        unscored = [h for h in self.extra if h not in chosen]
+        if unscored:
+            raise ValueError(f"accumulators given for heads {unscored}, which are not evaluated; evaluated: {chosen}.")
+        C, ignore = self.num_classes, self.ignore_index
+        self.metrics = {h: {"no_pd": SegMetric(C, ignore), "pd": SegMetric(C, ignore)} for h in chosen}
+        if self.bias_grid:
+            self.bias = {h: BiasAccumulator(C, grid=self.bias_grid, ignore_index=ignore) for h in chosen}
+        if self.examples and chosen:
+            self.kept = KeptExamples(self.examples, chosen[0])
+        for h in chosen:
+            self.accumulators[h] = ([PredictionAccumulator(self.bias[h])] if h in self.bias else []) \
+                + ([self.kept] if self.kept is not None else []) + list(self.extra.get(h, ()))
+
+    def score(self, buffer: Sequence[_Item]) -> None:
+        x = torch.cat([b.input for b in buffer]).to(self.device)
+        out = self.model(images=x)
+        if self.metrics is None:
+            self._start(out)
+        # one upsampling per label size: the whole batch, or image by image when label sizes differ
+        same = all(b.label.shape == buffer[0].label.shape for b in buffer)
+        groups = [list(range(len(buffer)))] if same else [[j] for j in range(len(buffer))]
+        targets = [torch.from_numpy(np.stack([buffer[j].label for j in js]).astype(np.int64)) for js in groups]
+        for head, by_tag in self.metrics.items():
+            logits = out[HEAD_KEYS[head]]
+            pd_t, pd_s = self.model_pd if self.model_pd is not None and head != "maskclip" else self.pd_rule
+            pd_logits = presence_filter(logits, pd_t, scale=pd_s)
+            for js, target in zip(groups, targets):
+                sizes = (tuple(x.shape[-2:]), tuple(target.shape[-2:]))
+                up = upsample_logits(logits[js], self.patch, *sizes)
+                pred = up.argmax(dim=1).cpu()
+                by_tag["no_pd"].update(pred, target)
+                if self.accumulators[head]:
+                    batch = self._batch(head, buffer, js, x, out, target, up, pred)
+                    for acc in self.accumulators[head]:
+                        acc.update(batch)
+                by_tag["pd"].update(upsample_logits(pd_logits[js], self.patch, *sizes).argmax(dim=1).cpu(), target)
+
+    @staticmethod
+    def _batch(head: str, buffer: Sequence[_Item], js: List[int], x: torch.Tensor, out: Dict[str, torch.Tensor],
+               target: torch.Tensor, up: torch.Tensor, pred: torch.Tensor) -> EvalBatch:
+        whole = len(js) == len(buffer)  # the usual case: no copy of the inputs and outputs
+        return EvalBatch(head=head, ids=[buffer[j].id for j in js], images=[buffer[j].image for j in js],
+                         inputs=x if whole else x[js],
+                         outputs=out if whole else {k: _rows(v, js, len(buffer)) for k, v in out.items()},
+                         label=target, logits=up, pred=pred)
 
 
 @torch.no_grad()
@@ -151,6 +244,7 @@ def evaluate(
     examples: int = 0,
     pd_scale: float = 10.0,
     model_pd: Optional[Tuple[float, float]] = None,
+    accumulators: Optional[Mapping[str, Sequence[Accumulator]]] = None,
 ) -> EvalReport:
     """Score ``model`` on a labelled split (items ``{"id", "image", "label"}``).
 
@@ -160,91 +254,32 @@ def evaluate(
     one image at a time, up to float rounding; with varied image sizes batches are mostly 1).
     ``bias_grid`` also accumulates the class- and space-bias metrics of each head (no PD) on a
     ``bias_grid``×``bias_grid`` grid (``report.bias``); ``examples`` keeps the first images and
-    their predictions for figures (``report.examples``). PD: softmax(``pd_scale``·logits) against
+    their predictions for figures (``report.examples``). ``accumulators`` maps a head to further
+    :class:`Accumulator` s, each given an :class:`EvalBatch` of that head per forward (per image
+    when label sizes differ within it). PD: softmax(``pd_scale``·logits) against
     ``pd_threshold``; ``model_pd`` = (threshold, scale), by default the model's ``pd_rule`` (set by
-    ``training.build_model`` from ``rectify.presence_rule``), replaces that rule on the model's own
+    ``build_model`` from ``run_inputs.presence_rule``), replaces that rule on the model's own
     heads (``rectified``, ``reclip++``); MaskCLIP keeps the first.
     """
-    from tqdm.auto import tqdm
-
     model.eval()
     model_pd = model_pd if model_pd is not None else getattr(model, "pd_rule", None)
-    device = model.clip.visual.conv1.weight.device
-    patch = _patch(model)
-    names = list(model.class_names)
-    C = len(names)
-    state: Dict[str, Any] = {"metrics": None}
-    buffer: List[Tuple[torch.Tensor, np.ndarray, Any]] = []
-    bias: Dict[str, Any] = {}
-    kept: Dict[str, List[Any]] = {"ids": [], "images": [], "labels": [], "inputs": []}
-
-    def choose_heads(out: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, SegMetric]]:
-        # logits == rectified without a decoder (ReCLIP, rectification-only ReCLIP++): one head
-        available = ["maskclip"] + (["rectified"] if "rectified" in out else [])
-        available += ["reclip++"] if getattr(model, "use_decoder", False) else []
-        chosen = list(heads) if heads is not None else available
-        bad = [h for h in chosen if h not in available]
-        if bad:
-            raise ValueError(f"heads {bad} are not produced by {type(model).__name__}; available: {available}.")
-        return {h: {"no_pd": SegMetric(C, ignore_index), "pd": SegMetric(C, ignore_index)} for h in chosen}
-
-    def flush() -> None:
-        x = torch.cat([b[0] for b in buffer]).to(device)
-        out = model(images=x)
-        if state["metrics"] is None:
-            state["metrics"] = choose_heads(out)
-            if bias_grid:
-                from .bias_analysis import BiasAccumulator
-
-                bias.update({h: BiasAccumulator(C, grid=bias_grid, ignore_index=ignore_index) for h in state["metrics"]})
-        labels = [b[1] for b in buffer]
-        keep = [j for j in range(len(buffer)) if len(kept["ids"]) + j < examples]
-        for j in keep:
-            kept["ids"].append(buffer[j][2]["id"])
-            kept["images"].append(np.asarray(buffer[j][2]["image"].convert("RGB")))
-            kept["labels"].append(labels[j])
-            kept["inputs"].append(buffer[j][0])
-        same = all(lab.shape == labels[0].shape for lab in labels)
-        groups = [list(range(len(buffer)))] if same else [[j] for j in range(len(buffer))]
-        for head, by_tag in state["metrics"].items():
-            logits = out[HEAD_KEYS[head]]
-            pd_t, pd_s = model_pd if model_pd is not None and head != "maskclip" else (pd_threshold, pd_scale)
-            for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_t, scale=pd_s))):
-                for js in groups:
-                    up = upsample_logits(lg[js], patch, tuple(x.shape[-2:]), tuple(labels[js[0]].shape[-2:]))
-                    target = torch.from_numpy(np.stack([labels[j] for j in js]).astype(np.int64))
-                    pred = up.argmax(dim=1).cpu()
-                    by_tag[tag].update(pred, target)
-                    if tag == "no_pd":
-                        if head in bias:
-                            bias[head].update(pred, target)
-                        for k, j in enumerate(js):
-                            if j in keep:
-                                kept.setdefault(head, []).append(pred[k].numpy())
-        buffer.clear()
-
+    scorer = _Scorer(model, heads, ignore_index, (pd_threshold, pd_scale), model_pd, bias_grid, examples,
+                     accumulators)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    buffer: List[_Item] = []
     for i in tqdm(range(n), desc="evaluate", disable=not progress, unit="img"):
-        item = dataset[i]
-        if "label" not in item:
-            raise ValueError("evaluation needs labelled items {'id', 'image', 'label'}: use the validation split.")
-        image, label = item["image"], np.asarray(item["label"])
-        hw = (image.height, image.width) if hasattr(image, "height") else tuple(to_image_tensor(image).shape[-2:])
-        if label.shape != hw:
-            # upsampling to the label size would silently score a stretched prediction
-            raise ValueError(f"image {item.get('id', i)!r} is {hw[0]}x{hw[1]} but its label has shape {label.shape}: "
-                             "a label must be an H x W map of the image's own size. Fix the dataset reader, or "
-                             "regenerate the labels (benchmarks: `python -m data_prep NAME --root ROOT --force`).")
-        x = eval_preprocess(image, test_size, max_long_side)
-        if buffer and (x.shape != buffer[0][0].shape or len(buffer) >= batch_size):
-            flush()
-        buffer.append((x, label, item if i < examples else {"id": item["id"]}))
+        item, label = _labelled_item(dataset, i)
+        x = eval_preprocess(item["image"], test_size, max_long_side)
+        if buffer and (x.shape != buffer[0].input.shape or len(buffer) >= batch_size):
+            scorer.score(buffer)
+            buffer = []
+        buffer.append(_Item(x, label, item["id"], item["image"]))
     if buffer:
-        flush()
-    if state["metrics"] is None:
+        scorer.score(buffer)
+    if scorer.metrics is None:
         raise ValueError("the evaluation split is empty.")
-    return EvalReport(names, state["metrics"], n, float(pd_threshold), bias=bias,
-                      examples=kept if examples else {})
+    return EvalReport(list(model.class_names), scorer.metrics, n, float(pd_threshold), bias=scorer.bias,
+                      examples=scorer.kept.kept if scorer.kept is not None else {})
 
 
 def evaluate_run(
@@ -265,8 +300,6 @@ def evaluate_run(
     tensor: ``checkpoint.load_model_weights``; ``allow_legacy`` accepts one predating the CLIP/template
     record), so a refused one never replaces ``eval/``. With ``save`` the run folder's lock is held
     throughout: a concurrent writer (train, another evaluate) is refused, not interleaved."""
-    from .run_lock import run_folder_lock
-
     run = Path(run_dir) if run_dir is not None else Path(cfg["output_dir"] or Path("runs") / getattr(cfg, "name", "custom"))
     args = (cfg, checkpoint, run, dataset, clip, progress, save, allow_legacy)
     if not save:
@@ -277,10 +310,6 @@ def evaluate_run(
 
 def _evaluate_run(cfg: Mapping[str, Any], checkpoint: Optional[os.PathLike], run: Path, dataset, clip: Optional[nn.Module],
                   progress: bool, save: bool, allow_legacy: bool) -> EvalReport:
-    from .checkpoint import find_checkpoint, load_model_weights
-    from .config import build_dataset
-    from .training import build_model
-
     ck = Path(checkpoint) if checkpoint is not None else (run / "checkpoints" if find_checkpoint(run) else None)
     if dataset is None:
         dataset = build_dataset(cfg, cfg["val_split"])
@@ -306,120 +335,5 @@ def _evaluate_run(cfg: Mapping[str, Any], checkpoint: Optional[os.PathLike], run
     return report
 
 
-# ------------------------------------------------------------------------------------------------
-# Hypothesis quality (reads labels: evaluation code only)
-# ------------------------------------------------------------------------------------------------
-def hypothesis_quality(hypotheses: Mapping[str, Sequence[int]], dataset, num_classes: int,
-                       ignore_index: int = 255, max_images: Optional[int] = None) -> Dict[str, Any]:
-    """Precision/recall of image-level hypotheses against the classes present in the labels.
-
-    Micro: over all (image, class) pairs; per class: precision/recall of "class c is in the image".
-    Images of ``dataset`` without a hypothesis are an error (compute them on the same split).
-    """
-    tp = np.zeros(num_classes, dtype=np.int64)
-    fp = np.zeros(num_classes, dtype=np.int64)
-    fn = np.zeros(num_classes, dtype=np.int64)
-    exact, n = 0, len(dataset) if max_images is None else min(len(dataset), max_images)
-    for i in range(n):
-        item = dataset[i]
-        image_id = str(item["id"])
-        if image_id not in hypotheses:
-            raise KeyError(f"no hypothesis for image {image_id!r}: compute hypotheses on this split first.")
-        gt = {int(c) for c in np.unique(np.asarray(item["label"])) if c != ignore_index}
-        pred = {int(c) for c in hypotheses[image_id]}
-        for c in pred & gt:
-            tp[c] += 1
-        for c in pred - gt:
-            fp[c] += 1
-        for c in gt - pred:
-            fn[c] += 1
-        exact += pred == gt
-
-    def ratio(a, b):
-        return float(a / b) if b else float("nan")
-
-    return {
-        "images": n,
-        "precision": ratio(tp.sum(), tp.sum() + fp.sum()),
-        "recall": ratio(tp.sum(), tp.sum() + fn.sum()),
-        "exact_match": ratio(exact, n),
-        "per_class_precision": [ratio(t, t + f) for t, f in zip(tp, fp)],
-        "per_class_recall": [ratio(t, t + f) for t, f in zip(tp, fn)],
-    }
-
-
-def token_labels(label: np.ndarray, input_hw: Tuple[int, int], patch: int, num_classes: int,
-                 ignore_index: int = 255) -> torch.Tensor:
-    """The majority label of each token of the padded input grid → long [h, w]; tokens that are
-    mostly ignored (background of VOC-style data, padding) get ``num_classes``."""
-    lab = torch.from_numpy(np.asarray(label).astype(np.int64))
-    lab = torch.where((lab == ignore_index) | (lab < 0) | (lab >= num_classes), num_classes, lab)
-    lab = F.interpolate(lab[None, None].float(), size=tuple(input_hw), mode="nearest")[0, 0].long()
-    H, W = input_hw
-    lab = F.pad(lab, (0, -W % patch, 0, -H % patch), value=num_classes)  # the model pads right/bottom
-    onehot = F.one_hot(lab, num_classes + 1).permute(2, 0, 1).float()[None]
-    return F.avg_pool2d(onehot, patch)[0].argmax(0)
-
-
-def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence[int]], test_size: int,
-                    score_scales: Sequence[float] = (100.0,), max_long_side: int = 2048,
-                    max_images: Optional[int] = None, ignore_index: int = 255) -> "Any":
-    """Which hard segmentation does the training loss prefer? A diagnostic of the loss, not a score.
-
-    For each labelled image, with its hypotheses (computed on this split, label-free), the loss of
-    method.md §3 is evaluated on fixed one-hot masks at the token grid (no Gumbel noise):
-
-    * ``MaskCLIP argmax`` — what the frozen CLIP says;
-    * ``MaskCLIP argmax within the hypothesis`` — every token to its best hypothesis class: what
-      the image-level hypothesis adds, label-free;
-    * ``truth (other tokens: MaskCLIP argmax)`` — the labelled classes where a token is mostly one
-      class, MaskCLIP's argmax on background/ignored tokens (the loss must put them somewhere);
-    * ``model`` — the argmax of ``model``'s own logits (the trained decoder or rectified head).
-
-    Returns a DataFrame (rows: segmentations, columns: score scales) of the mean loss over images
-    with a non-empty hypothesis; lower = preferred. When the truth's loss is not below MaskCLIP's,
-    the loss cannot teach the decoder to leave MaskCLIP's segmentation (docs/training.md).
-    """
-    import pandas as pd
-
-    from .loss import gumbel_masked_contrastive_loss
-    from .model import MaskCLIP
-
-    model.eval()
-    device = model.clip.visual.conv1.weight.device
-    patch, C = _patch(model), model.num_classes
-    names = ["MaskCLIP argmax", "MaskCLIP argmax within the hypothesis", "truth (other tokens: MaskCLIP argmax)"]
-    names += [] if isinstance(model, MaskCLIP) else ["model"]
-    sums = np.zeros((len(names), len(score_scales)))
-    count = 0
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    with torch.no_grad():
-        for i in range(n):
-            item = dataset[i]
-            if str(item["id"]) not in hypotheses:
-                raise KeyError(f"no hypothesis for image {item['id']!r}: compute hypotheses on this split first.")
-            hyp = [int(c) for c in hypotheses[str(item["id"])]]
-            if not hyp:
-                continue
-            x = eval_preprocess(item["image"], test_size, max_long_side).to(device)
-            out = model(images=x)
-            feat, mc = out["feat"], out["clip_logits"][0]
-            tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)
-            in_hyp = torch.full_like(mc, float("-inf"))
-            in_hyp[hyp] = mc[hyp]
-            truth = torch.where(tok == C, mc.argmax(0), tok.clamp(max=C - 1))
-            segs = [mc.argmax(0), in_hyp.argmax(0), truth] + ([out["logits"][0].argmax(0)] if "model" in names else [])
-            for r, seg in enumerate(segs):
-                onehot = F.one_hot(seg, C).permute(2, 0, 1)[None].float() * 1e4  # no Gumbel draw can flip it
-                for j, s in enumerate(score_scales):
-                    sums[r, j] += float(gumbel_masked_contrastive_loss(onehot, feat, model.text, [hyp], gumbel_scale=1.0,
-                                                                       score_scale=float(s)))
-            count += 1
-    if not count:
-        raise ValueError("no image with a non-empty hypothesis: nothing to compare.")
-    return pd.DataFrame(sums / count, index=pd.Index(names, name="segmentation"),
-                        columns=[f"scale {s:g}" for s in score_scales])
-
-
-__all__ = ("evaluate", "evaluate_run", "EvalReport", "upsample_logits", "hypothesis_quality", "HEAD_KEYS",
-           "token_labels", "loss_preference")
+__all__ = ("evaluate", "evaluate_run", "EvalReport", "EvalBatch", "Accumulator", "PredictionAccumulator",
+           "KeptExamples", "upsample_logits", "patch_size", "HEAD_KEYS")

@@ -16,7 +16,6 @@ recall against ground truth live in :mod:`reclip_core.evaluation`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,9 +24,16 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .atomic_io import StaleFileError, atomic_write_json
 from .backbone import encode_image_cls
+from .cli_errors import not_a_file
+from .config_schema import HYPOTHESIS_MODES
+from .run_inputs import build_dataset, resolve_class_names
+from .datasets.head import Head
+from .provenance import config_hypothesis_kwargs, describe_difference, hypothesis_settings
+from .text import PROMPT_TEMPLATES, text_embeddings, validate_class_names
 from .transforms import ImageLike, clip_input_size, clip_preprocess, crop_windows, to_image_tensor, window_boxes
 
 FORMAT = "reclip-hypotheses"
@@ -140,16 +146,10 @@ def threshold_topk(
         yield from run()
 
 
-def settings_fingerprint(settings: Dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def load_hypotheses(path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None) -> Hypotheses:
     """Read a hypotheses file → {image id: [class indices]}; checks the class list when given."""
     p = Path(path)
     if not p.is_file():
-        from .cli_errors import not_a_file
-
         raise FileNotFoundError(f"hypotheses file {p} {not_a_file(p)}; compute it with "
                                 "`python -m reclip_core hypothesis --config ...`.")
     with open(p, encoding="utf-8") as f:
@@ -235,20 +235,14 @@ def compute_hypotheses(
     ids are skipped); a file from other settings raises ``ValueError``. The file is rewritten
     atomically every ``save_every`` new images and at the end.
     """
-    from tqdm.auto import tqdm
-
-    from .text import PROMPT_TEMPLATES, text_embeddings, validate_class_names
-
     names = validate_class_names(class_names)
-    if mode not in ("window", "threshold"):
+    if mode not in HYPOTHESIS_MODES:
         raise ValueError(f"mode must be 'window' (ReCLIP++) or 'threshold' (ReCLIP), got {mode!r}.")
     templates = list(templates) if templates is not None else list(PROMPT_TEMPLATES)
     if text is None:
         text = text_embeddings(clip, names, templates)
     stride = stride or max(1, window // 2)
     size = input_size or clip_input_size(clip)
-    from .provenance import describe_difference, hypothesis_settings
-
     settings = hypothesis_settings(clip, dataset, mode=mode, window=window, stride=stride, input_size=size,
                                    threshold=threshold, topk=topk, templates=templates, ln_eps=ln_eps,
                                    cls_token=cls_token, tiling=tiling)
@@ -290,25 +284,6 @@ def compute_hypotheses(
     return done
 
 
-class Head:
-    """The first ``n`` items of a dataset (``max_train_images`` / ``max_val_images``); keeps the
-    reader's ``ids`` so resumable passes can skip done items without decoding them."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(int(n), len(dataset))
-        ids = getattr(dataset, "ids", None)
-        if ids is not None:
-            self.ids = ids[:self.n]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[i]
-
-
 def hypothesis_stats(hyps: Hypotheses, num_classes: int) -> Dict[str, Any]:
     """Label-free summary: mean classes per image, empty hypotheses, images per class."""
     per_class = [0] * num_classes
@@ -333,9 +308,6 @@ def hypotheses_from_config(cfg: Mapping[str, Any], clip: nn.Module, split: str, 
     ``hypothesis_clip: plain`` encodes the windows with CLIP's own LayerNorm eps and class
     embedding whatever ``clip.ln_eps`` / ``clip.cls_token`` say, as the release does (its
     hypotheses come from an unmodified CLIP); ``model`` applies them to the windows too."""
-    from .config import build_dataset, resolve_class_names
-    from .provenance import config_hypothesis_kwargs
-
     limit = cfg["max_train_images"] if split == cfg["train_split"] else cfg["max_val_images"]
     return compute_hypotheses(clip, build_dataset(cfg, split), resolve_class_names(cfg), out_path, text=text,
                               batch_size=cfg["hypothesis_batch_size"], resume=resume, progress=progress,

@@ -1,13 +1,15 @@
-"""The notebooks' one entry point (fastbook style): ``lab = setup(profile, dataset, device, seed)``
+"""The notebooks' session object (fastbook style): ``lab = setup(profile, dataset, device, seed)``
 seeds everything in one place, loads the profile's config and gives short, named steps that call
 the library. No method logic lives here or in the notebooks — only orchestration and file
 placement under ``results/<profile>/<dataset>/``.
+
+The names notebook 05 and notebook 01 reach as ``rc.lab.<name>`` (the benchmark report, the
+results folder) are imported here from their own modules.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import random
 import sys
 import time
@@ -15,17 +17,27 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .atomic_io import atomic_save_figure, atomic_write_files, atomic_write_json, atomic_write_text
-from .reproduce import RESULTS_DIR
+from . import diagnostics, evaluation, hypothesis, result_files
+from .atomic_io import StaleFileError, move_aside
+from .clip_loading import load_clip, resolve_device
+from .benchmark_report import bias_table, compare_to_reference, headline, reference_numbers
+from .checkpoint import load_model_weights
+from .config import Config, _unknown, load_config, valid_keys
+from .run_inputs import build_dataset, resolve_class_names, resolve_templates
+from .eval_report import EvalReport
+from .model_factory import build_model
+from .paths import RESULTS_DIR
+from .profiles import check_parameters, config_name
+from .text import text_embeddings
+from .training import train
 
-PROFILE_CONFIG = {"toy": "toy"}  # the paper profile uses the dataset's own config (voc.yaml, ...)
 T = TypeVar("T")
 # tqdm.auto warns on stderr when ipywidgets is absent; in a notebook checked by nbval that warning
 # would be compared like an output. Progress bars are off in the notebooks anyway.
@@ -41,19 +53,6 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency such as tabulate)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "–" if np.isnan(v) else format(float(v), floatfmt)
-        return str(v)
-
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def recompute_if_stale(compute: Callable[[], T]) -> T:
     """Run ``compute``; if it stops on a file made from other settings or CLIP weights (e.g. after
     ``make toy-clip`` or a config change), set that file aside and run it once more.
@@ -61,8 +60,6 @@ def recompute_if_stale(compute: Callable[[], T]) -> T:
     The notebooks' results folder is derived data, so recomputing is what a re-run should do; the
     old file is renamed, not deleted. The CLI keeps refusing instead (its message says what to do).
     """
-    from .atomic_io import StaleFileError, move_aside
-
     try:
         return compute()
     except StaleFileError as err:
@@ -87,47 +84,34 @@ class Lab:
     # -- objects --------------------------------------------------------------------------------
     @cached_property
     def clip(self) -> nn.Module:
-        from .backbone import load_clip
-
         if self.cfg["clip"]["pretrained"] is None:
             torch.manual_seed(self.seed)  # a random CLIP must be the same in every notebook
         return load_clip(self.cfg["clip"]["arch"], self.cfg["clip"]["pretrained"], device=self.device)
 
     @cached_property
     def class_names(self) -> List[str]:
-        from .config import resolve_class_names
-
         return resolve_class_names(self.cfg)
 
     @cached_property
     def text(self) -> torch.Tensor:
         """Class text features, computed once and shared by every model of this lab."""
-        from .config import resolve_templates
-        from .text import text_embeddings
-
         return text_embeddings(self.clip, self.class_names, resolve_templates(self.cfg))
 
-    def split(self, name: str):
-        from .config import build_dataset
-
+    def split(self, name: str) -> Any:
         return build_dataset(self.cfg, name)
 
     @cached_property
-    def val(self):
+    def val(self) -> Any:
         return self.split(self.cfg["val_split"])
 
     def model(self, kind: str = "reclip++", **overrides: Any) -> nn.Module:
         """A fresh segmenter (``"maskclip"``, ``"reclip++"`` or ``"reclip"``) on the shared CLIP."""
-        from .training import build_model
-
         cfg = self.config(**overrides)
         model = build_model(cfg, clip=self.clip, device=self.device, kind=kind)
         model._text = self.text.to(self.device)
         return model.to(self.device)
 
-    def config(self, **overrides: Any):
-        from .config import load_config
-
+    def config(self, **overrides: Any) -> Config:
         if not overrides:
             return self.cfg
         return load_config(dict(self.cfg), [f"{k}={v}" for k, v in overrides.items()])
@@ -135,10 +119,8 @@ class Lab:
     # -- steps ----------------------------------------------------------------------------------
     def hypotheses(self, progress: bool = False) -> Dict[str, List[int]]:
         """Image-level hypotheses of the training split (computed once, then read from disk)."""
-        from .hypothesis import hypotheses_from_config
-
         t0 = time.perf_counter()
-        hyps = recompute_if_stale(lambda: hypotheses_from_config(
+        hyps = recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
             self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json", text=self.text,
             progress=progress))
         self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
@@ -146,29 +128,23 @@ class Lab:
 
     def val_hypotheses(self) -> Dict[str, List[int]]:
         """Hypotheses of the validation images, computed label-free exactly like the training ones."""
-        from .hypothesis import hypotheses_from_config
-
         split = self.cfg["val_split"]
-        return recompute_if_stale(lambda: hypotheses_from_config(
+        return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
             self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json", text=self.text, progress=False))
 
     def hypothesis_quality(self) -> Dict[str, Any]:
         """Precision/recall of the hypotheses of the *validation* split against its labels
         (evaluation code: the training split has no labels and training never reads one)."""
-        from .evaluation import hypothesis_quality
-
-        return hypothesis_quality(self.val_hypotheses(), self.val, len(self.class_names),
-                                  max_images=self.cfg["max_val_images"])
+        return diagnostics.hypothesis_quality(self.val_hypotheses(), self.val, len(self.class_names),
+                                              max_images=self.cfg["max_val_images"])
 
     def loss_preference(self, model: nn.Module, score_scales: Optional[Sequence[float]] = None) -> pd.DataFrame:
-        """``evaluation.loss_preference`` on the validation split with its label-free hypotheses, at the
+        """``diagnostics.loss_preference`` on the validation split with its label-free hypotheses, at the
         method's score scale 100 and at the model's own (the config's ``score_scale``)."""
-        from .evaluation import loss_preference
-
         scales = list(score_scales or dict.fromkeys([100.0, float(getattr(model, "score_scale", 100.0))]))
         t0 = time.perf_counter()
-        table = loss_preference(model, self.val, self.val_hypotheses(), self.cfg["test_size"], scales,
-                                self.cfg["max_long_side"], max_images=self.cfg["max_val_images"])
+        table = diagnostics.loss_preference(model, self.val, self.val_hypotheses(), self.cfg["test_size"], scales,
+                                            self.cfg["max_long_side"], max_images=self.cfg["max_val_images"])
         self.timings["loss preference"] = round(time.perf_counter() - t0, 1)
         return table
 
@@ -188,12 +164,9 @@ class Lab:
     def run_dir(self, name: str) -> Path:
         return self.results / "runs" / name
 
-    def train(self, name: str, kind: str = "reclip++", progress: bool = False, **overrides: Any):
+    def train(self, name: str, kind: str = "reclip++", progress: bool = False, **overrides: Any) -> nn.Module:
         """Train ``kind`` with config ``overrides`` into ``runs/<name>`` (resumes a finished run
         without retraining) and return the trained model (last epoch, no selection)."""
-        from .checkpoint import load_model_weights
-        from .training import train
-
         if self.cfg["feature_cache"] and not self.cfg["feature_cache_path"]:
             # every run of this lab sees the same views through the same CLIP: build the cache once
             overrides.setdefault("feature_cache_path", str(self.results / "runs" / "feature_cache.safetensors"))
@@ -210,39 +183,32 @@ class Lab:
         return model.eval()
 
     def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None) -> EvalReport:
         """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head."""
-        from .evaluation import evaluate
-
         t0 = time.perf_counter()
-        report = evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"], self.cfg["max_long_side"],
-                          max_images=self.cfg["max_val_images"], progress=progress, bias_grid=bias_grid,
-                          examples=examples)
+        report = evaluation.evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"],
+                                     self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
+                                     progress=progress, bias_grid=bias_grid, examples=examples)
         self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 
     def loss_history(self, name: str) -> pd.DataFrame:
         return pd.read_csv(self.run_dir(name) / "loss.csv")
 
-    # -- outputs --------------------------------------------------------------------------------
+    # -- outputs (``result_files``) -------------------------------------------------------------
     def save_table(self, df: pd.DataFrame, name: str, floatfmt: str = ".1f", title: Optional[str] = None) -> pd.DataFrame:
         """``<name>.csv`` and ``<name>.md`` under the results folder; returns ``df`` rounded for display."""
-        head = f"# {title}\n\n" if title else ""
-        # both files or neither: a full disk never leaves a new CSV beside an old Markdown table
-        atomic_write_files({self.results / f"{name}.csv": df.to_csv(index=False),
-                            self.results / f"{name}.md": head + markdown_table(df, floatfmt)})
-        return df.round(int(floatfmt.strip(".f") or 1)) if floatfmt.endswith("f") else df
+        return result_files.write_table(self.results, df, name, floatfmt, title)
 
-    def save_figure(self, fig, name: str):
-        atomic_save_figure(fig, self.results / f"{name}.png", dpi=110, bbox_inches="tight")
-        return fig
+    def save_figure(self, fig: Any, name: str) -> Any:
+        return result_files.write_figure(self.results, fig, name)
 
     def save_json(self, obj: Mapping[str, Any], name: str) -> Path:
-        return atomic_write_json(self.results / f"{name}.json", obj)
+        return result_files.write_json(self.results, obj, name)
 
     def write_headline(self, text: str) -> Path:
         """The few lines ``summary.md`` starts with (``reproduce.write_summary`` reads them)."""
-        return atomic_write_text(self.results / "headline.md", text.strip() + "\n")
+        return result_files.write_headline(self.results, text)
 
 
 def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
@@ -251,25 +217,16 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
 
     Fails fast (before any heavy work) on an unknown profile, dataset, device or config key.
     """
-    from .backbone import resolve_device
-    from .config import load_config
-    from .reproduce import check_parameters
-
     dataset = check_parameters(profile, dataset, device)
-    from .config import _unknown, valid_keys
-
     bad = [k for k in overrides if k not in valid_keys()]
     if bad:  # checked even when the value is None (None overrides are skipped below)
         raise _unknown(bad[0])
     seed_everything(seed)
-    cfg_name = PROFILE_CONFIG.get(profile, dataset)
     sets = [f"seed={seed}", f"device={device}"] + [f"{k}={v}" for k, v in overrides.items() if v is not None]
-    cfg = load_config(cfg_name, sets)
+    cfg = load_config(config_name(profile, dataset), sets)
     results = RESULTS_DIR / profile / dataset
     results.mkdir(parents=True, exist_ok=True)
     if cfg["dataset"] == "toyworld":
-        from .config import build_dataset
-
         # Generate the toy world now (first use only), quietly: its progress bars are not results.
         with contextlib.redirect_stderr(io.StringIO()):
             for split in (cfg["train_split"], cfg["val_split"]):
@@ -279,72 +236,6 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     return Lab(profile, dataset, resolve_device(device), seed, cfg, results)
 
 
-__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "markdown_table", "recompute_if_stale")
-
-
-# ------------------------------------------------------------------------------------------------
-# Notebook 05: reference numbers and the headline
-# ------------------------------------------------------------------------------------------------
-def reference_numbers(profile: str, dataset: str) -> Dict[str, Dict[str, Any]]:
-    """The paper's numbers (paper profile) or the toy lab's goals, from ``data/reference_numbers.yaml``."""
-    import yaml
-
-    data = yaml.safe_load((Path(__file__).parent / "data" / "reference_numbers.yaml").read_text())
-    block = data.get(profile, {})
-    refs = dict(block.get(dataset, {}))
-    for v in refs.values():
-        v.setdefault("tolerance", block.get("tolerance", 0.0))
-    return refs
-
-
-def compare_to_reference(table: pd.DataFrame, reference: Mapping[str, Mapping[str, Any]],
-                         metric: str = "mIoU") -> pd.DataFrame:
-    """One row per reference entry: ours, the target (absolute, or a gain over another row), met/missed.
-    An entry names its row of ``table`` by its key, or by ``model`` when one row has several goals."""
-    ours = dict(zip(table["model"], table[metric]))
-    rows = []
-    for key, ref in reference.items():
-        model = ref.get("model", key)
-        value = ours.get(model, float("nan"))
-        if "min_gain_over" in ref:
-            base = ours.get(ref["min_gain_over"], float("nan"))
-            target, measured = float(ref["gain"]), value - base
-            goal = f"≥ {ref['min_gain_over']} + {ref['gain']:g}"
-        else:
-            target, measured = float(ref["target"]), value
-            goal = f"≥ {ref['target']:g} − {ref['tolerance']:g}"
-        tol = float(ref.get("tolerance", 0.0)) if "target" in ref else 0.0
-        status = "—" if np.isnan(measured) else ("met" if measured >= target - tol else "MISSED")
-        rows.append({"model": model, metric: value, "measured": measured, "goal": goal, "status": status,
-                     "source": ref.get("source", "")})
-    return pd.DataFrame(rows)
-
-
-def bias_table(heads: Mapping[str, Tuple[Any, str]], baseline: str = "MaskCLIP") -> pd.DataFrame:
-    """Class and space bias (``evaluate(..., bias_grid=...)``) of named heads, ``{name: (report, head)}``,
-    beside their change from ``baseline``'s; the column ``both lower than <baseline>`` says whether
-    both metrics dropped."""
-    rows = []
-    for name, (report, head) in heads.items():
-        if head not in report.bias:
-            raise ValueError(f"{name!r}: its report has no bias metrics for head {head!r}; evaluate with bias_grid.")
-        b = report.bias[head]
-        rows.append({"model": name, "class TVD": b.class_bias().tvd, "space TVD": b.space_bias().score})
-    df = pd.DataFrame(rows)
-    base = df.set_index("model").loc[baseline]
-    df["Δ class TVD"] = df["class TVD"] - base["class TVD"]
-    df["Δ space TVD"] = df["space TVD"] - base["space TVD"]
-    lower = (df["Δ class TVD"] < 0) & (df["Δ space TVD"] < 0)
-    df["both lower than " + baseline] = np.where(df["model"] == baseline, "—", np.where(lower, "yes", "no"))
-    return df
-
-
-def headline(lab: Lab, table: pd.DataFrame, compare: pd.DataFrame, bias: Optional[pd.DataFrame] = None) -> str:
-    """The summary's first lines: the benchmark table, the goals and (if given) the bias table, as
-    measured in this run."""
-    parts = [f"## {lab.profile} / {lab.dataset}: mIoU (%)", "", markdown_table(table), "## Goals", "",
-             markdown_table(compare)]
-    if bias is not None:
-        parts += ["## Bias (0 = unbiased; TVD of predicted vs true class shares, overall and per grid cell)", "",
-                  markdown_table(bias, ".3f")]
-    return "\n".join(parts)
+__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "recompute_if_stale",
+                          # reached by the notebooks as rc.lab.<name>, defined in their own modules
+                          "RESULTS_DIR", "reference_numbers", "compare_to_reference", "bias_table", "headline")

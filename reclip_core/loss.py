@@ -7,9 +7,10 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-Hypotheses = Union[torch.Tensor, Sequence[Sequence[int]]]
-#: divisor of a batch's loss: images with a hypothesis (the project) or the batch size (the release)
-NORMALISATIONS = ("nonempty", "batch")
+from .options import LOSS_NORMALISATIONS
+
+#: a batch's image-level hypotheses: a [B, C] 0/1 mask, or each image's list of class indices
+BatchHypotheses = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
 def gumbel_softmax_hard(
@@ -26,7 +27,7 @@ def gumbel_softmax_hard(
     return y_hard - y_soft.detach() + y_soft
 
 
-def hypotheses_to_mask(hypotheses: Hypotheses, batch: int, num_classes: int, device=None) -> torch.Tensor:
+def hypotheses_to_mask(hypotheses: BatchHypotheses, batch: int, num_classes: int, device=None) -> torch.Tensor:
     """Image-level hypotheses (lists of class indices, or a [B, C] 0/1 tensor) → bool [B, C]."""
     if isinstance(hypotheses, torch.Tensor):
         mask = hypotheses.to(device=device).bool()
@@ -48,7 +49,7 @@ def gumbel_masked_contrastive_loss(
     logits: torch.Tensor,
     feat: torch.Tensor,
     text: torch.Tensor,
-    hypotheses: Hypotheses,
+    hypotheses: BatchHypotheses,
     gumbel_scale: float = 100.0,
     tau: float = 1.0,
     score_scale: float = 100.0,
@@ -69,8 +70,8 @@ def gumbel_masked_contrastive_loss(
     if logits.ndim != 4 or feat.ndim != 4 or logits.shape[0] != feat.shape[0] or logits.shape[-2:] != feat.shape[-2:]:
         raise ValueError(f"expected logits [B, C, h, w] and feat [B, D, h, w] of equal B, h, w; "
                          f"got {tuple(logits.shape)} and {tuple(feat.shape)}.")
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
+    if normalisation not in LOSS_NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {LOSS_NORMALISATIONS}, got {normalisation!r}.")
     B, C, h, w = logits.shape
     mask = hypotheses_to_mask(hypotheses, B, C, device=logits.device)
     m = gumbel_softmax_hard(gumbel_scale * logits, tau=tau, dim=1, generator=generator)  # [B, C, h, w]

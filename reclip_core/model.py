@@ -13,14 +13,14 @@ from torch import nn
 
 from .backbone import dense_features, output_dim, visual_width
 from .decoder import MaskDecoder
-from .loss import Hypotheses, gumbel_masked_contrastive_loss
+from .loss import BatchHypotheses, gumbel_masked_contrastive_loss
+from .options import BIAS_MODES
 from .positional_bias import PositionalBias, resized_positional_embedding
 from .rectify import bias_logits, clip_logits, rectify
 from .reference_prompt import ReferencePrompt
 from .text import PROMPT_TEMPLATES, text_embeddings, validate_class_names
 
 ClsToken = Union[None, str, os.PathLike, torch.Tensor]
-BIAS_MODES = ("both", "class", "space")
 
 
 class _CLIPSegmenter(nn.Module):
@@ -195,7 +195,7 @@ class ReCLIPPP(_CLIPSegmenter):
         out["logits"] = self.decoder(feat, rectified) if self.use_decoder else rectified
         return out
 
-    def loss(self, out: Dict[str, torch.Tensor], hypotheses: Hypotheses,
+    def loss(self, out: Dict[str, torch.Tensor], hypotheses: BatchHypotheses,
              generator: Optional[torch.Generator] = None, return_masks: bool = False):
         """Gumbel masked contrastive loss (method.md §3) on ``out["logits"]``."""
         return gumbel_masked_contrastive_loss(

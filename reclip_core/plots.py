@@ -12,13 +12,14 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from .palette import class_colours
+
 IGNORE = 255
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class (uint8 [C+1, 3]); the last row is the ignore colour (black)."""
-    base = (np.array(sns.color_palette("tab20", max(num_classes, 1))) * 255).astype(np.uint8)
-    return np.concatenate([base[:num_classes], np.zeros((1, 3), np.uint8)])
+    """The class colours (``palette.class_colours``, uint8 [C+1, 3]); the last row is the ignore colour (black)."""
+    return np.concatenate([class_colours(num_classes), np.zeros((1, 3), np.uint8)])
 
 
 def colorize(label_map: np.ndarray, num_classes: int) -> np.ndarray:

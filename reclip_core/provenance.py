@@ -18,18 +18,27 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from .atomic_io import StaleFileError
+from .clip_loading import clip_fingerprint
+from .run_inputs import resolve_templates
+from .datasets.head import Head
+from .transforms import clip_input_size
 
 
 def _base(dataset: Any) -> Any:
-    """The reader under ``hypothesis.Head`` wrappers (a Head is a prefix, not another dataset)."""
-    from .hypothesis import Head
-
+    """The reader under ``Head`` wrappers (a Head is a prefix, not another dataset)."""
     while isinstance(dataset, Head):
         dataset = dataset.dataset
     return dataset
+
+
+def settings_fingerprint(settings: Dict[str, Any]) -> str:
+    """A short digest of a JSON-able settings record (canonical JSON, sha256)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _ids(dataset: Any) -> Optional[List[str]]:
@@ -76,10 +85,6 @@ def hypothesis_settings(clip: nn.Module, dataset: Any, *, mode: str, window: int
                         ln_eps: Optional[float], cls_token: Any, tiling: str) -> Dict[str, Any]:
     """Everything a hypotheses file's contents depend on besides its class list (which it records
     separately): mode and its parameters, the CLIP weights and input size, templates and the images."""
-    from .backbone import clip_fingerprint
-    from .hypothesis import settings_fingerprint
-    from .transforms import clip_input_size
-
     stride = stride or max(1, window // 2)
     settings: Dict[str, Any] = {
         "mode": mode, "input_size": input_size or clip_input_size(clip),
@@ -98,8 +103,6 @@ def hypothesis_settings(clip: nn.Module, dataset: Any, *, mode: str, window: int
 def config_hypothesis_kwargs(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The ``compute_hypotheses`` settings a run config implies (the CLI, the notebooks and the
     check in ``train`` all use this, so they cannot disagree about what a file should record)."""
-    from .config import resolve_templates
-
     plain = cfg.get("hypothesis_clip", "model") == "plain"
     return {"mode": cfg["hypothesis_mode"], "window": cfg.window, "stride": cfg.stride,
             "input_size": cfg["hypothesis_input_size"], "threshold": cfg["hypothesis_threshold"],
@@ -148,8 +151,6 @@ def feature_cache_key(model: nn.Module, views: Any, n_views: int) -> str:
     """The key a feature cache is stored under: the views (seed, count, crop, transform settings),
     the image ids with their hypotheses (stored beside the features), the images themselves
     (:func:`dataset_identity`), the frozen CLIP's weights and how its dense features are read."""
-    from .backbone import clip_fingerprint
-
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted((str(k), list(map(int, v))) for k, v in views.hypotheses.items())).encode())
     digest.update(clip_fingerprint(model.clip).encode())
@@ -166,8 +167,6 @@ def load_feature_cache(path: Path, key: str) -> Optional[Dict[str, Any]]:
     derived data, so the caller rebuilds it (and says why on stderr) instead of failing."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), "pt") as f:

@@ -1,8 +1,6 @@
 """Bias logit map, rectification and the presence filter (method.md §2, §4)."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Tuple
-
 import torch
 
 
@@ -31,21 +29,3 @@ def presence_filter(logits: torch.Tensor, threshold: float, scale: float = 10.0)
     prob = torch.softmax(scale * logits.float(), dim=1)
     present = prob.flatten(2).amax(dim=2) >= threshold  # [B, C]
     return torch.where(present[:, :, None, None], logits, torch.full_like(logits, -100.0))
-
-
-def presence_rule(cfg: Mapping[str, Any], model: str) -> Tuple[float, float]:
-    """(threshold, softmax scale) of the PD on the own heads of ``model`` ("reclip++" or "reclip").
-
-    The release filters ReCLIP++ with softmax(10·logits) against its ``TEST.PD`` but ReCLIP with
-    softmax(100·logits) against a threshold of its own (``TEST.ReCLIP_PD``): the two models' logits
-    are not on one scale, and ReCLIP++'s rule can drop every class of a ReCLIP model (measured in
-    docs/deviations.md). ``reclip_pd_threshold`` / ``reclip_pd_scale`` null apply ReCLIP++'s rule
-    (``pd_threshold``, ``pd_scale``) to ReCLIP too.
-    """
-    threshold, scale = float(cfg["pd_threshold"]), float(cfg.get("pd_scale", 10.0))
-    if model == "reclip":
-        if cfg.get("reclip_pd_threshold") is not None:
-            threshold = float(cfg["reclip_pd_threshold"])
-        if cfg.get("reclip_pd_scale") is not None:
-            scale = float(cfg["reclip_pd_scale"])
-    return threshold, scale

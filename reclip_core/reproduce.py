@@ -10,6 +10,7 @@ so a typo fails in a second instead of after the first heavy cell.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -18,37 +19,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic_io import atomic_write_text
-
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = ROOT / "notebooks"
-# RECLIP_RESULTS redirects every output (tests run notebooks without touching the committed results).
-RESULTS_DIR = Path(os.environ.get("RECLIP_RESULTS", ROOT / "results"))
-PROFILES = ("toy", "paper")
-PAPER_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
-DEFAULT_DATASET = {"toy": "toyworld", "paper": "voc"}
-
-
-def notebooks(directory: Path = NOTEBOOK_DIR) -> List[Path]:
-    """The numbered walk-through notebooks 01–05, in order."""
-    found = sorted(directory.glob("0[1-9]_*.ipynb"))
-    if not found:
-        raise FileNotFoundError(f"no numbered notebooks in {directory}; is this a full checkout?")
-    return found
-
-
-def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
-    """Validate the run before any heavy work; returns the dataset to use."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}.")
-    dataset = dataset or DEFAULT_DATASET[profile]
-    valid = ("toyworld",) if profile == "toy" else PAPER_DATASETS
-    if dataset not in valid:
-        raise ValueError(f"dataset {dataset!r} is not part of profile {profile!r}; valid: {', '.join(valid)}.")
-    if device not in ("auto", "cpu"):  # only these need no torch import (seconds) to be checked
-        from .backbone import resolve_device
-
-        resolve_device(device)  # raises with a message when e.g. CUDA is requested but absent
-    return dataset
+from .paths import NOTEBOOK_DIR, RESULTS_DIR, notebooks
+from .profiles import check_parameters
 
 
 #: parameters set by ``run``'s own arguments; ``-p`` must not override them past their checks
@@ -93,8 +65,6 @@ def check_parameter_names(extra: Dict, raw: Sequence[str] = ()) -> None:
 
 def parameter_defaults(nb: Path) -> Dict[str, object]:
     """The ``parameters`` cell's names with their literal defaults (a non-literal reads as None)."""
-    import ast
-
     cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
     for cell in cells:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -116,11 +86,11 @@ def preflight(profile: str, dataset: str) -> None:
     """Paper profile: fail fast when the CLIP weights or the dataset are missing."""
     if profile != "paper":
         return
+    # torch (both import it): import time; `python -m reclip_core.reproduce` checks run without it
+    from .clip_loading import load_clip
     from .datasets import get_dataset
 
     get_dataset(dataset, "val")  # FileNotFoundError naming the data_prep command
-    from .backbone import load_clip
-
     load_clip()  # RuntimeError naming the weights cache and how to fill it
 
 
@@ -176,7 +146,7 @@ def strip_run_metadata(path: Path) -> None:
     differ), the empty tag lists papermill adds (jupytext compares metadata too) and the per-run
     metadata (papermill timings, execution timestamps) that would make every re-run a diff.
     Outputs and execution counts stay: nbval compares the outputs."""
-    import nbformat
+    import nbformat  # import time: only --inplace runs need it
 
     nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
     nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
@@ -207,7 +177,7 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
     if headline.is_file():
         lines += [headline.read_text().strip(), ""]
     if profile == "toy":
-        from .spread import summary_section  # pandas: imported only once the notebooks have run
+        from .spread import summary_section  # pandas: import time; only once the notebooks have run
 
         lines += summary_section(base)
     if timings:

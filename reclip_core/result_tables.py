@@ -14,12 +14,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
-from .reproduce import RESULTS_DIR, ROOT
+from .paths import NOTEBOOK_DIR, RESULTS_DIR
 
 SPREAD_CSV = RESULTS_DIR / "toy" / "spread.csv"
 
@@ -115,7 +115,7 @@ def stale(results: Path = RESULTS_DIR, spread_csv: Path = SPREAD_CSV) -> List[st
 def _sanitizers() -> List[tuple]:
     """The regex replacements nbval applies (``notebooks/nbval_sanitize.cfg``), to compare outputs as nbval does."""
     cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "notebooks" / "nbval_sanitize.cfg")
+    cfg.read(NOTEBOOK_DIR / "nbval_sanitize.cfg")
     return [(re.compile(cfg[sec]["regex"]), cfg[sec]["replace"]) for sec in cfg.sections()]
 
 
@@ -136,11 +136,11 @@ def cell_outputs(notebook: Path) -> Dict[str, str]:
     return out
 
 
-def code_of(source) -> str:
+def code_of(source: Union[str, Sequence[str]]) -> str:
     """A cell's source without its nbval marker lines: the key of a cell whatever nbval does with it."""
     text = "".join(source) if isinstance(source, list) else source
     return "\n".join(line for line in text.splitlines() if not line.startswith("# NBVAL_")).strip()
 
 
-def source_digest(source) -> str:
+def source_digest(source: Union[str, Sequence[str]]) -> str:
     return hashlib.sha256(code_of(source).encode()).hexdigest()[:16]

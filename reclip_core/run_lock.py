@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -103,8 +104,6 @@ def _release(run: Path, fd: int) -> None:
 def _process_group() -> Any:
     """``torch.distributed`` when a process group of several ranks is initialised, else None
     (torch is imported only when it already is: the CLI's error paths stay fast)."""
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None

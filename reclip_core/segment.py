@@ -6,16 +6,30 @@ Reference prompt and the decoder are per-class), which is checked.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from .clip_loading import load_clip, resolve_device
+from .checkpoint import find_checkpoint, load_model_weights
+from .cli_errors import not_a_file
+from .config import validate
+from .evaluation import upsample_logits
+from .model import MaskCLIP, ReCLIPPP
+from .model_factory import build_model
+from .palette import class_colours
+from .rectify import presence_filter
+from .text import PROMPT_TEMPLATES, validate_class_names
 from .transforms import ImageLike, eval_preprocess, open_image, to_image_tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -26,23 +40,18 @@ class SegmentResult:
     model: str  # "maskclip" or the trained model kind
 
 
-def _palette(n: int) -> np.ndarray:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"] if n <= 20 else matplotlib.colormaps["gist_ncar"]
-    return np.array([cmap(i / max(1, n - 1) if n > 20 else i)[:3] for i in range(n)])
-
-
 def overlay_figure(image: ImageLike, mask: np.ndarray, class_names: Sequence[str], alpha: float = 0.55,
-                   title: Optional[str] = None):
+                   title: Optional[str] = None) -> "Figure":
     """A two-panel matplotlib Figure (image | image with the coloured mask and a legend of the
-    classes present). Built without pyplot, so it does not touch global figure state."""
+    classes present, in the class colours of ``palette``). Built without pyplot, so it does not touch
+    global figure state."""
+    # matplotlib: import time; only the single-image command draws a figure
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     img = to_image_tensor(image).permute(1, 2, 0).numpy()
     img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img
-    colours = _palette(len(class_names))
+    colours = class_colours(len(class_names)) / 255.0
     over = (1 - alpha) * img + alpha * colours[mask]
     fig = Figure(figsize=(10, 4.5))
     a, b = fig.subplots(1, 2)
@@ -61,22 +70,13 @@ def overlay_figure(image: ImageLike, mask: np.ndarray, class_names: Sequence[str
 
 def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Sequence[str], clip: Optional[nn.Module],
                          device: Any, allow_legacy: bool = False) -> tuple:
-    from .checkpoint import find_checkpoint, load_model_weights
-    from .config import validate
-    from .model import ReCLIPPP
-    from .backbone import load_clip
-
     latest = find_checkpoint(checkpoint)
     if latest is not None:
-        import json
-
         with open(latest, encoding="utf-8") as f:
             state = json.load(f)
         if list(class_names) != state["class_names"]:
             raise ValueError(f"the checkpoint was trained for the classes {state['class_names']}, not {list(class_names)}; "
                              "segment with checkpoint=None (MaskCLIP) or train for your classes.")
-        from .training import build_model
-
         cfg = validate(state["config"])
         model = build_model(cfg, clip=clip, device=device)
         load_model_weights(model, latest, allow_legacy=allow_legacy)
@@ -95,9 +95,6 @@ def predict_mask(model: nn.Module, image: ImageLike, test_size: Optional[int], p
 
     ``test_size`` (short side) None: the image's own short side, at most 448. Shared by
     :func:`segment` and the folder command (``segment_folder``), so both give the same masks."""
-    from .evaluation import upsample_logits
-    from .rectify import presence_filter
-
     h, w = to_image_tensor(image).shape[-2:]
     size = test_size or min(h, w, 448)
     x = eval_preprocess(image, size).to(device)
@@ -131,15 +128,9 @@ def segment(
     trained with another CLIP or templates, or holding invalid tensors, is refused
     (``checkpoint.load_model_weights``); ``allow_legacy`` accepts one predating the CLIP/template record.
     """
-    from .backbone import load_clip, resolve_device
-    from .model import MaskCLIP
-    from .text import PROMPT_TEMPLATES, validate_class_names
-
     names = validate_class_names(class_names)
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
-            from .cli_errors import not_a_file
-
             raise FileNotFoundError(f"image {image} {not_a_file(image)}; pass an image file (PNG, JPEG).")
         image = open_image(image)  # RGB; a corrupt file raises ValueError naming it
     dev = resolve_device(device)

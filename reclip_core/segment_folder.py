@@ -12,8 +12,8 @@ dataset, ``datasets/folder.py``) it writes
 The model is built once for the folder. Outputs are written atomically, mask and overlay together,
 so an interrupted run leaves whole pairs; running the command again skips the images whose pair
 exists (resumable). An ``OUT`` made for other classes or another checkpoint is refused rather
-than mixed. Colours: ``segment._palette``, the single-image overlay's palette (matplotlib tab20 up to
-20 classes, the same colours as ``plots.palette``; gist_ncar beyond, where tab20 would repeat).
+than mixed. Colours: ``palette.class_colours``, the colours of the single-image overlay and of
+the notebooks' figures (matplotlib tab20 up to 20 classes; gist_ncar beyond, where tab20 would repeat).
 """
 from __future__ import annotations
 
@@ -27,9 +27,16 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
-from .segment import _palette, predict_mask
-from .text import display_name
+from .atomic_io import atomic_write_bytes, atomic_write_files, atomic_write_json
+from .clip_loading import load_clip, resolve_device
+from .datasets.folder import LABELS_DIR, scan_images
+from .model import MaskCLIP
+from .palette import class_colours
+from .segment import _load_for_checkpoint, predict_mask
+from .text import PROMPT_TEMPLATES, display_name, validate_class_names
+from .transforms import open_image
 
 SUFFIX = ".png"
 
@@ -43,11 +50,6 @@ class FolderResult:
     existing: List[str] = field(default_factory=list)
     unreadable: List[Tuple[str, str]] = field(default_factory=list)
     model: str = "maskclip"
-
-
-def class_colours(num_classes: int) -> np.ndarray:
-    """uint8 [C, 3]: the colour of each class in masks, overlays and legends."""
-    return np.round(_palette(num_classes) * 255).astype(np.uint8)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -116,16 +118,11 @@ def _check_manifest(path: Path, record: dict) -> None:
                          f"{old}); pass another --out, or delete that folder to redo it.")
 
 
-def load_segmenter(names: Sequence[str], checkpoint: Optional[Union[str, os.PathLike]], clip, device: Any,
-                   templates: Optional[Sequence[str]], allow_legacy: bool
-                   ) -> Tuple[torch.nn.Module, str, Optional[int]]:
+def load_segmenter(names: Sequence[str], checkpoint: Optional[Union[str, os.PathLike]],
+                   clip: Optional[torch.nn.Module], device: Any, templates: Optional[Sequence[str]],
+                   allow_legacy: bool) -> Tuple[torch.nn.Module, str, Optional[int]]:
     """(eval-mode model, its kind, the checkpoint's test size): MaskCLIP without a checkpoint, else the
     trained run (the same loading and class check as ``segment.segment``)."""
-    from .backbone import load_clip
-    from .model import MaskCLIP
-    from .segment import _load_for_checkpoint
-    from .text import PROMPT_TEMPLATES
-
     if checkpoint is None:
         clip = clip if clip is not None else load_clip(device=device)
         model, kind, size = MaskCLIP(clip, names, templates=templates or PROMPT_TEMPLATES).to(device), "maskclip", None
@@ -136,7 +133,8 @@ def load_segmenter(names: Sequence[str], checkpoint: Optional[Union[str, os.Path
 
 @torch.no_grad()
 def segment_folder(images: Union[str, os.PathLike], out: Union[str, os.PathLike], class_names: Sequence[str],
-                   checkpoint: Optional[Union[str, os.PathLike]] = None, *, clip=None, test_size: Optional[int] = None,
+                   checkpoint: Optional[Union[str, os.PathLike]] = None, *,
+                   clip: Optional[torch.nn.Module] = None, test_size: Optional[int] = None,
                    pd_threshold: Optional[float] = None, device: Any = "auto",
                    templates: Optional[Sequence[str]] = None, allow_legacy: bool = False,
                    progress: bool = True) -> FolderResult:
@@ -145,14 +143,6 @@ def segment_folder(images: Union[str, os.PathLike], out: Union[str, os.PathLike]
     ``checkpoint`` None: MaskCLIP with ``clip``; otherwise a trained run or checkpoint file, which
     must have been trained for ``class_names``. ``test_size``: the short side the model sees
     (default: the checkpoint's, else each image's own short side up to 448)."""
-    from tqdm.auto import tqdm
-
-    from .atomic_io import atomic_write_bytes, atomic_write_files, atomic_write_json
-    from .backbone import resolve_device
-    from .datasets.folder import LABELS_DIR, scan_images
-    from .text import validate_class_names
-    from .transforms import open_image
-
     names = validate_class_names(class_names)
     src, dst = Path(images), Path(out)
     exclude = [src / LABELS_DIR]

@@ -29,14 +29,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import IO, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from .atomic_io import atomic_write_files
+from .paths import RESULTS_DIR, ROOT, notebooks
+from .result_files import table_markdown
 from .result_tables import DECIMALS, KEY, cell_outputs, long_form, result_tables, source_digest, stale, within_spread
-from .reproduce import RESULTS_DIR, ROOT
 
 WORK_DIR = ROOT / "work" / "spread"
 
@@ -51,6 +52,7 @@ KERNELS: Dict[str, Dict[str, str]] = {
     "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     "aten-default": {"ATEN_CPU_CAPABILITY": "default"},
 }
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -109,7 +111,7 @@ class Scheduler:
         return times
 
 
-def launch(s: Setting, work: Path):
+def launch(s: Setting, work: Path) -> Tuple[subprocess.Popen, Setting, float, IO[str]]:
     """Start ``reproduce`` for one setting into ``work/<setting>/`` (its own results tree)."""
     out = work / s.name
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,7 @@ def output_stability(settings: Sequence[Setting], work: Path) -> pd.DataFrame:
     """Per code cell of each notebook: did every machine setting print the same (sanitised) output?
     The cells nbval compares must be among the stable ones (``tests/test_notebooks.py``)."""
     rows = []
-    for nb in sorted((ROOT / "notebooks").glob("0[1-9]_*.ipynb")):
+    for nb in notebooks():
         printed = [cell_outputs(work / s.name / "results" / "toy" / "notebooks" / nb.name) for s in settings if s.is_machine]
         for source in printed[0]:
             texts = {p.get(source) for p in printed}
@@ -182,7 +184,7 @@ def comparisons(runs: Mapping[Setting, pd.DataFrame], metric: str = "mIoU") -> p
 
 def provenance() -> Dict[str, str]:
     """What the spread was measured on: the committed tables (digest) and the machine."""
-    import torch
+    import torch  # import time: reproduce reads summary_section from here without torch
 
     digest = hashlib.sha256()
     for path in sorted((RESULTS_DIR / "toy").glob("toyworld/0*.csv")):
@@ -194,8 +196,6 @@ def provenance() -> Dict[str, str]:
 
 def write_tables(settings: Sequence[Setting], work: Path, out: Path, times: Optional[Mapping[str, float]] = None) -> Path:
     """Read the finished runs, write ``spread.csv`` / ``spread.md`` under ``out``; returns the Markdown path."""
-    from .lab import markdown_table
-
     runs = {s: long_form(result_tables(work / s.name / "results")) for s in settings}
     table = aggregate(runs, long_form(result_tables(RESULTS_DIR)))
     times = dict(times or {})
@@ -212,10 +212,10 @@ def write_tables(settings: Sequence[Setting], work: Path, out: Path, times: Opti
              "Written by `python -m reclip_core.spread` (`make spread`); do not edit by hand. "
              "Machine settings: seed 0 under each kernel level and thread count; seeds: 0, 1, 2 with this "
              "machine's kernels and the config's thread count. " + ", ".join(f"{k}: {v}" for k, v in prov.items()) + ".", "",
-             "## Settings", "", markdown_table(setting_rows),
-             "## Benchmark mIoU (%) per model", "", markdown_table(models.rename(columns={"label": "model"}), ".2f"),
+             "## Settings", "", table_markdown(setting_rows),
+             "## Benchmark mIoU (%) per model", "", table_markdown(models.rename(columns={"label": "model"}), ".2f"),
              "## Comparisons (mIoU points; beyond the spread = every run of the group has the same sign)", "",
-             markdown_table(comparisons(runs))]
+             table_markdown(comparisons(runs))]
     files = {out / "spread.csv": table.to_csv(index=False), out / "spread.md": "\n".join(lines),
              out / "spread_outputs.csv": output_stability(settings, work).to_csv(index=False)}
     atomic_write_files(files)

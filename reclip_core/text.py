@@ -1,17 +1,13 @@
 """Class names and CLIP text embeddings of the classes (method.md §1)."""
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
-
-CLASS_NAME_DIR = Path(__file__).parent / "class_names"
-DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27", "toyworld")
-#: the project's class lists, or the release's exact strings (the benchmarks only)
-CLASS_NAME_SOURCES = ("project", "release")
 
 # The five scene templates the release adds to CLIP's 80 ImageNet templates.
 SCENE_TEMPLATES = (
@@ -25,8 +21,6 @@ SCENE_TEMPLATES = (
 
 def _imagenet_templates() -> tuple:
     # open_clip ships CLIP's 80 ImageNet templates as functions of the class name.
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
@@ -53,32 +47,6 @@ def validate_class_names(names: Sequence[str]) -> List[str]:
         raise ValueError(f"duplicate class names {sorted(set(dups))}: each class needs a distinct name "
                          "(its text embedding would otherwise be identical).")
     return names
-
-
-def class_names(dataset: str, source: str = "project") -> List[str]:
-    """The class list of a dataset in the release's evaluation order.
-
-    ``source="project"``: the project's names (``class_names/<dataset>.txt``). ``source="release"``:
-    the exact strings of the authors' release (``class_names/release/<dataset>.txt``), which differ
-    in a few names ("airplane" for "aeroplane", COCO-Stuff's "food things"...). The Reference prompt
-    tokenizes the names and the text features encode them, so a released checkpoint only means
-    what it was trained for with these strings.
-    """
-    if source not in CLASS_NAME_SOURCES:
-        raise ValueError(f"unknown class-name source {source!r}; valid: {', '.join(CLASS_NAME_SOURCES)}.")
-    if dataset == "toyworld" and source == "project":
-        from .datasets.toyworld import toyworld_class_names
-
-        return toyworld_class_names()
-    folder = CLASS_NAME_DIR if source == "project" else CLASS_NAME_DIR / "release"
-    path = folder / f"{dataset}.txt"
-    if dataset not in DATASETS or not path.is_file():
-        if source == "project":
-            raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}.")
-        valid = ", ".join(sorted(p.stem for p in folder.glob("*.txt")))
-        raise ValueError(f"the release has no class list for {dataset!r}; release lists: {valid}.")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return validate_class_names([ln for ln in lines if ln and not ln.startswith("#")])
 
 
 def tokenize(clip: nn.Module, texts: Sequence[str]) -> torch.Tensor:
@@ -111,37 +79,6 @@ def display_name(name: str) -> str:
     return synonyms(name)[0]
 
 
-def read_class_file(path) -> List[str]:
-    """Class names from a text file: one class per line, optional comma-separated synonyms
-    (``person, people, human``), blank lines and ``#`` comments skipped. Line ``i`` is class ``i``,
-    the value ``i`` in label maps. Each class comes back as its synonyms joined by ``", "``."""
-    p = Path(path)
-    if not p.is_file():
-        from .cli_errors import not_a_file
-
-        raise FileNotFoundError(f"class-name file {p} {not_a_file(p)}; write one class per line "
-                                "(synonyms comma-separated), see docs/your-images.md.")
-    names: List[str] = []
-    owner: dict = {}
-    for no, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = [s.strip() for s in text.split(SYNONYM_SEPARATOR)]
-        if not all(parts):
-            raise ValueError(f"{p}, line {no}: {text!r} has an empty synonym; separate synonyms by single "
-                             "commas ('person, people').")
-        for s in parts:
-            if s in owner:
-                raise ValueError(f"{p}, line {no}: {s!r} is already a name of class {owner[s]!r}; each "
-                                 "name may belong to one class only.")
-            owner[s] = parts[0]
-        names.append(", ".join(parts))
-    if not names:
-        raise ValueError(f"class-name file {p} lists no class; write one class name per line.")
-    return validate_class_names(names)
-
-
 def check_distinct_tokens(clip: nn.Module, names: Sequence[str], words: Sequence[Sequence[str]],
                           tokens: torch.Tensor) -> None:
     """Refuse class names whose prompts tokenize identically (``tokens``: [synonyms, templates, L]).
@@ -150,8 +87,6 @@ def check_distinct_tokens(clip: nn.Module, names: Sequence[str], words: Sequence
     ``<unk>``, and names longer than the text context are cut off, so different names can give the
     same text feature and one class silently wins everywhere. A name with only some unknown words
     still differs from the others, but its feature ignores those words: that is warned about."""
-    import warnings
-
     unk = getattr(getattr(clip, "tokenizer", None), "unk_token_id", None)
     seen: dict = {}
     start = 0
@@ -203,5 +138,5 @@ def text_embeddings(
     return F.normalize(feats, dim=-1)
 
 
-__all__ = ("PROMPT_TEMPLATES", "SCENE_TEMPLATES", "DATASETS", "CLASS_NAME_SOURCES", "class_names", "text_embeddings",
-           "validate_class_names", "tokenize", "check_distinct_tokens", "synonyms", "display_name", "read_class_file")
+__all__ = ("PROMPT_TEMPLATES", "SCENE_TEMPLATES", "text_embeddings", "validate_class_names", "tokenize",
+           "check_distinct_tokens", "synonyms", "display_name")

@@ -135,6 +135,7 @@ def build_toy_clip(config: str | os.PathLike | Mapping[str, Any] | None = None):
     """A randomly initialised ``open_clip.CLIP`` from a toy config (dict or JSON path; default
     ``reclip_core/configs/toy_clip.json``), with ``model.tokenizer`` attached and the CLIP image
     mean/std recorded on ``model.visual`` (``image_mean``/``image_std``)."""
+    # open_clip takes ~2.7 s beyond torch to import; the toy world's readers load this module without it
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -172,8 +173,6 @@ def load_toy_clip(weights_dir: str | os.PathLike | None = None, device: str | to
     ``weights_dir`` defaults to :func:`toy_clip_dir` of ``preset`` (``biased`` ->
     ``reclip_core/pretrained/toy_clip``, ``uniform`` -> ``.../toy_clip_uniform``). The weights'
     sha256 must equal the manifest's, else ``ValueError``."""
-    from safetensors.torch import load_file
-
     wdir = Path(weights_dir) if weights_dir is not None else toy_clip_dir(preset)
     weights, cfg_path, man_path = wdir / WEIGHTS_FILE, wdir / CONFIG_FILE, wdir / MANIFEST_FILE
     for p in (weights, cfg_path, man_path):
@@ -191,7 +190,9 @@ def load_toy_clip(weights_dir: str | os.PathLike | None = None, device: str | to
             f"rebuild it (or restore it with git checkout)")
     config = load_toy_config(cfg_path)
     model = build_toy_clip(config)
-    state = load_file(str(weights))
+    from open_clip.factory import load_state_dict  # loaded by build_toy_clip just above
+
+    state = load_state_dict(str(weights))
     state = {k: v.float() for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,4 +1,6 @@
-"""The toy bias lab's first report: MaskCLIP on the toy world, and its two biases.
+"""The toy bias lab's report: MaskCLIP on the toy world, and its two biases. This module builds the
+measurements (accumulators of :func:`reclip_core.evaluation.evaluate`), runs the evaluation and
+writes the files; ``bias_lab_report`` renders the Markdown and the figure.
 
 :func:`run_bias_lab` evaluates MaskCLIP (frozen toy CLIP, dense value-path features, argmax;
 method.md §6) on the toy world's ``val`` split for a toy CLIP pretrained on the ``biased`` preset
@@ -35,18 +37,34 @@ through ``reclip_core.atomic_io``. Measured per model:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
+
+from .atomic_io import atomic_write_csv, atomic_write_json, atomic_write_text
+from .backbone import encode_image_cls
+from .clip_loading import load_clip
+from .bias_analysis import RegionReadoutAccumulator
+from .bias_lab_report import bias_lab_markdown, save_bias_lab_figure
+from .datasets.toyworld import IGNORE_INDEX, ToyWorld, load_preset, preset_hash
+from .evaluation import EvalBatch, evaluate
+from .metrics import SegMetric
+from .model import MaskCLIP
 
 # the biased model, the same recipe on the uniform preset, and the biased recipe's second seed
 DEFAULT_MODELS = {"biased": "biased", "uniform": "uniform", "biased, seed 1": "biased_seed1"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: ``evaluate`` also scores PD; this report shows MaskCLIP without it, so the threshold is unused
+_UNUSED_PD_THRESHOLD = 0.5
+#: the scalar metrics of one model, in the order of ``bias_lab.csv``
+SCALAR_KEYS = ("n_val", "miou", "miou_release", "pixel_accuracy", "chance_miou", "top2_miou", "oracle_miou",
+               "zeroshot_top1", "class_bias_tvd", "space_bias_tvd", "region_readout", "patch_readout")
 
 
 def expected_chance_miou(true_pixels: np.ndarray) -> float:
@@ -109,70 +127,105 @@ class _PairCounter:
         return out
 
 
-@torch.no_grad()
-def evaluate_maskclip(clip, preset: Mapping, root=None, n_val: int | None = None,
+# ------------------------------------------------------------------------------------------------
+# Accumulators of evaluate(): the measurements beyond mIoU and the biases (they read labels)
+# ------------------------------------------------------------------------------------------------
+def _present_classes(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """bool [B, C]: the classes each label map holds."""
+    present = torch.zeros(len(label), num_classes, dtype=torch.bool)
+    for k in range(len(label)):
+        present[k, label[k][label[k] != IGNORE_INDEX].unique()] = True
+    return present
+
+
+def _argmax_within(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per-pixel argmax over the classes ``allowed`` [B, C] for each image → long [B, H, W] (CPU)."""
+    neg = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~allowed.to(logits.device)[:, :, None, None], neg).argmax(1).cpu()
+
+
+class OracleClasses:
+    """mIoU of the logits restricted to each image's true classes: what perfect image-level
+    hypotheses would give."""
+
+    def __init__(self, num_classes: int):
+        self.metric = SegMetric(num_classes)
+
+    def update(self, batch: EvalBatch) -> None:
+        present = _present_classes(batch.label, self.metric.num_classes)
+        self.metric.update(_argmax_within(batch.logits, present), batch.label)
+
+
+class ClassTokenHypotheses:
+    """Label-free image-level hypotheses from the class-token image embedding: the mIoU of the
+    logits restricted to its ``k`` best classes, and how often its top-1 class is in the image."""
+
+    def __init__(self, clip: torch.nn.Module, text: torch.Tensor, num_classes: int, k: int = 2):
+        self.clip, self.text, self.k = clip, text, k
+        self.metric = SegMetric(num_classes)
+        self.top1_hits, self.images = 0, 0
+
+    def update(self, batch: EvalBatch) -> None:
+        present = _present_classes(batch.label, self.metric.num_classes)
+        scores = (encode_image_cls(self.clip, batch.inputs) @ self.text.T).cpu()
+        self.top1_hits += int(present[torch.arange(len(present)), scores.argmax(1)].sum())
+        self.images += len(present)
+        best = torch.zeros_like(present)
+        best.scatter_(1, scores.topk(self.k, dim=1).indices, True)
+        self.metric.update(_argmax_within(batch.logits, best), batch.label)
+
+
+class RegionReadout:
+    """``bias_analysis.RegionReadoutAccumulator`` on the model's dense features."""
+
+    def __init__(self, text: torch.Tensor, num_classes: int):
+        self.text, self.readout = text, RegionReadoutAccumulator(num_classes)
+
+    def update(self, batch: EvalBatch) -> None:
+        self.readout.update(batch.outputs["feat"], self.text, batch.label)
+
+
+class LookalikePairs:
+    """The look-alike-pair counts (:class:`_PairCounter`) of the predictions."""
+
+    def __init__(self, pairs: Sequence[dict], size: int):
+        self.counter = _PairCounter(pairs, size)
+
+    def update(self, batch: EvalBatch) -> None:
+        self.counter.update(batch.pred.numpy(), batch.label.numpy())
+
+
+def evaluate_maskclip(clip: torch.nn.Module, preset: Mapping, root=None, n_val: int | None = None,
                       batch_size: int = 200, grid: int = 4) -> dict:
     """MaskCLIP metrics of one toy CLIP on the toy world's val split (see module doc)."""
-    from .backbone import encode_image_cls, normalize_images
-    from .bias_analysis import BiasAccumulator, RegionReadoutAccumulator
-    from .datasets.toyworld import ToyWorld
-    from .metrics import SegMetric
-    from .model import MaskCLIP
-
     val = ToyWorld("val", preset, root=root)
     names = val.class_names
-    C = len(names)
-    n = len(val) if n_val is None else min(n_val, len(val))
+    C, size = len(names), int(preset["image_size"])
     model = MaskCLIP(clip, names)
-    text = model.text
-    seg, oracle, top2 = SegMetric(C), SegMetric(C), SegMetric(C)
-    bias = BiasAccumulator(C, grid=grid)
-    readout = RegionReadoutAccumulator(C)
-    pairs = _PairCounter(lookalike_pairs(preset), int(preset["image_size"]))
-    zs_hits = 0
-    for s in range(0, n, batch_size):
-        items = [val[i] for i in range(s, min(n, s + batch_size))]
-        x = torch.stack([torch.from_numpy(np.array(it["image"])).permute(2, 0, 1)
-                         for it in items]).float().div(255)
-        x = normalize_images(x)
-        label = torch.from_numpy(np.stack([it["label"] for it in items]))
-        out = model(x)
-        readout.update(out["feat"], text, label)
-        logits = F.interpolate(out["logits"], size=label.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        pred = logits.argmax(1)
-        seg.update(pred, label)
-        bias.update(pred, label)
-        pairs.update(pred.numpy(), label.numpy())
-        present = torch.zeros(len(items), C, dtype=torch.bool)
-        for k in range(len(items)):
-            cls = label[k][label[k] != 255].unique()
-            present[k, cls] = True
-        neg = torch.finfo(logits.dtype).min
-        oracle.update(logits.masked_fill(~present[:, :, None, None], neg).argmax(1), label)
-        emb = encode_image_cls(clip, x)
-        scores = emb @ text.T
-        zs_hits += int(present[torch.arange(len(items)), scores.argmax(1)].sum())
-        keep = torch.zeros_like(present)
-        keep.scatter_(1, scores.topk(2, dim=1).indices, True)
-        top2.update(logits.masked_fill(~keep[:, :, None, None], neg).argmax(1), label)
-    cb = bias.class_bias(names)
-    sb = bias.space_bias("tvd")
+    oracle, class_token = OracleClasses(C), ClassTokenHypotheses(clip, model.text, C)
+    readout, pairs = RegionReadout(model.text, C), LookalikePairs(lookalike_pairs(preset), size)
+    # test_size = the image side: no resize, so the inputs are the images /255, CLIP-normalised;
+    # and a side of whole patches, so the logits reach the label size in one bilinear upsampling
+    report = evaluate(model, val, test_size=size, pd_threshold=_UNUSED_PD_THRESHOLD, heads=["maskclip"],
+                      max_images=n_val, progress=False, batch_size=batch_size, bias_grid=grid,
+                      accumulators={"maskclip": [oracle, class_token, readout, pairs]})
+    seg, bias = report.metrics["maskclip"]["no_pd"], report.bias["maskclip"]
+    cb, sb = bias.class_bias(names), bias.space_bias("tvd")
     table = seg.table(names)
+    ro = readout.readout.result(names)
     cls_table = cb.table.copy()
     cls_table["iou"] = table["iou"].values
-    ro = readout.result(names)
     cls_table["region_readout"] = ro.table["region_accuracy"].values
     cls_table["patch_readout"] = ro.table["patch_accuracy"].values
     return {
-        "n_val": n,
+        "n_val": report.images,
         "miou": float(seg.miou()),
         "miou_release": float(seg.miou_release()),
         "pixel_accuracy": seg.pixel_accuracy(),
         "chance_miou": expected_chance_miou(table["gt_pixels"].values),
-        "oracle_miou": float(oracle.miou()),
-        "top2_miou": float(top2.miou()),
-        "zeroshot_top1": zs_hits / n,
+        "oracle_miou": float(oracle.metric.miou()),
+        "top2_miou": float(class_token.metric.miou()),
+        "zeroshot_top1": class_token.top1_hits / report.images,
         "class_bias_tvd": cb.tvd,
         "space_bias_tvd": sb.score,
         "region_readout": ro.region_accuracy,
@@ -180,132 +233,39 @@ def evaluate_maskclip(clip, preset: Mapping, root=None, n_val: int | None = None
         "space_per_cell": sb.per_cell,
         "space_diff": sb.diff,
         "classes": cls_table,
-        "pairs": pairs.results(names),
+        "pairs": pairs.counter.results(names),
     }
 
 
-def _fmt(x, nd=1):
-    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+def _model_rows(results: Mapping[str, dict], prov: Mapping[str, dict], preset: Mapping) -> pd.DataFrame:
+    """``bias_lab.csv``: one row per model, its provenance, every scalar metric and pair statistic."""
+    rows = []
+    for lab, r in results.items():
+        m = prov[lab]["manifest"]
+        row = {"model": lab, "pretrain_preset": m.get("preset"), "seed": m.get("seed"),
+               "weights_sha256": m.get("sha256"), "val_preset": preset["name"],
+               "val_preset_hash": preset_hash(preset)}
+        row.update({k: r[k] for k in SCALAR_KEYS})
+        for p in r["pairs"]:
+            row[f"follow_position[{p['pair']}]"] = p["follow_position"]
+            row[f"pair_accuracy[{p['pair']}]"] = p["pair_accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def _figure(results: dict, names: Sequence[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(results)
-    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(5 + 3.2 * len(labels), 4.2),
-                             gridspec_kw={"width_ratios": [2.2] + [1] * len(labels)})
-    ax = axes[0]
-    width = 0.8 / len(labels)
-    xs = np.arange(len(names))
-    for k, lab in enumerate(labels):
-        ratio = results[lab]["classes"]["ratio"].values
-        ax.bar(xs + k * width - 0.4 + width / 2, ratio, width, label=f"pretrained: {lab}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("predicted / true pixel share")
-    ax.set_title("class-preference bias (MaskCLIP, val)")
-    ax.legend(fontsize=8)
-    vmax = max(np.nanmax(r["space_per_cell"]) for r in results.values())
-    for ax, lab in zip(axes[1:], labels):
-        im = ax.imshow(results[lab]["space_per_cell"], vmin=0, vmax=vmax, cmap="magma")
-        ax.set_title(f"space bias, {lab}\n(TVD per cell, mean {results[lab]['space_bias_tvd']:.2f})",
-                     fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=axes[1:], shrink=0.8)
-    return fig
+def _cell_rows(results: Mapping[str, dict], grid: int) -> pd.DataFrame:
+    """``bias_lab_cells.csv``: per model and grid cell, the space-bias divergence."""
+    return pd.DataFrame([{"model": lab, "row": i, "col": j, "tvd": float(r["space_per_cell"][i, j])}
+                         for lab, r in results.items() for i in range(grid) for j in range(grid)])
 
 
-def _per_class_table(results: dict, names: Sequence[str], cell) -> list[str]:
-    """Markdown rows: one per class, one column per model, ``cell(row of its classes table)``."""
-    labels = list(results)
-    rows = ["| class | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for k, name in enumerate(names):
-        rows.append(f"| {name} | " + " | ".join(cell(results[lab]["classes"].iloc[k])
-                                                for lab in labels) + " |")
-    return rows
-
-
-def _per_model_table(results: dict, headers: Sequence[str], cells) -> list[str]:
-    """Markdown rows: one per model, its label then ``cells(its results)`` (a list of strings)."""
-    rows = ["| toy CLIP pretrained on | " + " | ".join(headers) + " |",
-            "|---|" + "---|" * len(headers)]
-    rows += [f"| {lab} | " + " | ".join(cells(r)) + " |" for lab, r in results.items()]
-    return rows
-
-
-def _markdown(results: dict, provenance: dict, names: Sequence[str]) -> str:
-    labels = list(results)
-    L = []
-    L.append("# Toy bias lab: MaskCLIP on the toy world\n")
-    L.append(f"Generated by `reclip_core.toy_lab.run_bias_lab` on {provenance['created_utc']} "
-             f"in {provenance['seconds']:.0f} s. Evaluation: the toy world's `val` split "
-             f"({results[labels[0]]['n_val']} images, 64×64, uniform class frequencies and "
-             f"positions) of preset `{provenance['val_preset']}` (hash "
-             f"`{provenance['val_preset_hash']}`); `train`/`val` are the same images under both "
-             f"presets. MaskCLIP = frozen toy CLIP, dense value-path features, text features "
-             f"from the 85 CLIP prompt templates, argmax (no training). mIoU in %, mmseg "
-             f"definition (classes with non-zero union), background ignored.\n")
-    L.append("## Segmentation\n")
-    L += _per_model_table(
-        results, ["MaskCLIP mIoU", "release mIoU", "pixel acc.", "chance",
-                  "top-2 image classes (label-free)", "oracle image classes", "image-level top-1"],
-        lambda r: [_fmt(r[k]) for k in ("miou", "miou_release", "pixel_accuracy", "chance_miou",
-                                        "top2_miou", "oracle_miou")]
-        + [f"{_fmt(100 * r['zeroshot_top1'])} %"])
-    L.append("\n*chance*: expected mIoU of uniformly random per-pixel classes. *oracle*: MaskCLIP "
-             "logits restricted to each image's true classes. *top-2*: restricted to the two best "
-             "classes of the class-token image embedding. *image-level top-1*: the class-token "
-             "top-1 class is in the image.\n")
-    L.append("## Biases\n")
-    L += _per_model_table(
-        results, ["class bias: TVD of predicted vs true pixel shares",
-                  "space bias: mean per-cell TVD (4×4 grid)"],
-        lambda r: [f"{r['class_bias_tvd']:.3f}", f"{r['space_bias_tvd']:.3f}"])
-    L.append("\n0 = unbiased, 1 = disjoint. A position-independent class bias also raises the "
-             "per-cell TVD: compare the two columns, and see the pairs below.\n")
-    L.append("## What the training loss can see\n")
-    L += _per_model_table(
-        results, ["objects read right from their pooled dense features",
-                  "patches read right one by one"],
-        lambda r: [f"{_fmt(100 * r['region_readout'])} %", f"{_fmt(100 * r['patch_readout'])} %"])
-    L.append("\nReCLIP++'s loss scores each hypothesis class's *pooled* dense feature against the class "
-             "texts (method.md §3), so it can teach the decoder no more than what a region's pooled "
-             "feature says. Left: each val object's dense features averaged over its own pixels, "
-             "classified against the texts; right: its patches (tokens more than half covered) one by "
-             "one; class means. When the two are close, the loss sees what MaskCLIP's argmax sees "
-             "(docs/training.md).\n")
-    L.append("### Look-alike pairs (same colour; separated by position in the biased pretraining)\n")
-    L.append("| toy CLIP pretrained on | pair | split along | pixels | follows pretraining "
-             "position | pair accuracy |")
-    L.append("|---|---|---|---|---|---|")
-    for lab in labels:
-        for p in results[lab]["pairs"]:
-            L.append(f"| {lab} | {p['pair']} | {'top/bottom' if p['axis'] == 'y' else 'left/right'}"
-                     f" | {p['pixels']} | {p['follow_position']:.2f} | {p['pair_accuracy']:.2f} |")
-    L.append("\nAmong val pixels of either class of a pair that are predicted as one of the two: "
-             "*follows pretraining position* = share given the class whose biased-pretraining "
-             "region holds the pixel (0.5: position plays no role; 1: position decides); *pair "
-             "accuracy* = share given the right class (0.5 = chance).\n")
-    L.append("### Per class: predicted / true pixel share (IoU %)\n")
-    L += _per_class_table(results, names, lambda r: f"{r['ratio']:.2f} ({_fmt(r['iou'])})")
-    L.append("\n### Per class: objects / patches read right (%)\n")
-    L += _per_class_table(results, names, lambda r: f"{_fmt(100 * r['region_readout'])} / "
-                                                    f"{_fmt(100 * r['patch_readout'])}")
-    L.append("\n## Provenance\n")
-    for lab, prov in provenance["models"].items():
-        m = prov["manifest"]
-        L.append(f"- **{lab}**: weights `{prov['source']}`, sha256 `{m.get('sha256', '?')[:16]}…`, "
-                 f"pretrained on preset `{m.get('preset')}` (hash `{m.get('preset_hash')}`), "
-                 f"seed {m.get('seed')}, {m.get('steps')} steps × batch {m.get('batch_size')}, "
-                 f"{'bf16 autocast' if m.get('amp') == 'bf16' else 'float32'}, "
-                 f"{m.get('wall_time_s')} s on {m.get('threads')} thread(s).")
-    L.append("\nFigures: `bias_lab.png` (per-class share ratio; per-cell space-bias maps). "
-             "Tables: `bias_lab.csv`, `bias_lab_classes.csv`, `bias_lab_cells.csv`; "
-             "everything in `bias_lab.json`.\n")
-    return "\n".join(L)
+def _json_blob(results: Mapping[str, dict], provenance: Mapping) -> dict:
+    """``bias_lab.json``: every result (arrays as lists, tables as records) and the provenance."""
+    blob = {"provenance": provenance,
+            "results": {lab: {k: (v.tolist() if isinstance(v, np.ndarray) else
+                                  v.to_dict(orient="records") if hasattr(v, "to_dict") else v)
+                              for k, v in r.items()} for lab, r in results.items()}}
+    return json.loads(json.dumps(blob, default=float))
 
 
 def run_bias_lab(out_dir: str | Path | None = None, models: Mapping[str, str] | None = None,
@@ -314,13 +274,6 @@ def run_bias_lab(out_dir: str | Path | None = None, models: Mapping[str, str] | 
     """Evaluate MaskCLIP for each toy CLIP in ``models`` (label -> ``load_clip("toy", pretrained=
     ...)`` spec: ``"biased"``, ``"uniform"`` or a weights folder) and write the report files to
     ``out_dir`` (default ``results/toy``). Returns the results dict."""
-    import pandas as pd
-
-    from .atomic_io import atomic_save_figure, atomic_write_csv, atomic_write_json, \
-        atomic_write_text
-    from .backbone import load_clip
-    from .datasets.toyworld import load_preset, preset_hash
-
     t0 = time.time()
     out = Path(out_dir) if out_dir is not None else REPO_ROOT / "results" / "toy"
     models = dict(models or DEFAULT_MODELS)
@@ -338,47 +291,17 @@ def run_bias_lab(out_dir: str | Path | None = None, models: Mapping[str, str] | 
         "val_preset_content": preset, "grid": grid, "models": prov,
     }
     out.mkdir(parents=True, exist_ok=True)
-    scalar_keys = ("n_val", "miou", "miou_release", "pixel_accuracy", "chance_miou", "top2_miou",
-                   "oracle_miou", "zeroshot_top1", "class_bias_tvd", "space_bias_tvd",
-                   "region_readout", "patch_readout")
-    rows = []
-    for lab, r in results.items():
-        m = prov[lab]["manifest"]
-        row = {"model": lab, "pretrain_preset": m.get("preset"), "seed": m.get("seed"),
-               "weights_sha256": m.get("sha256"), "val_preset": preset["name"],
-               "val_preset_hash": preset_hash(preset)}
-        row.update({k: r[k] for k in scalar_keys})
-        for p in r["pairs"]:
-            row[f"follow_position[{p['pair']}]"] = p["follow_position"]
-            row[f"pair_accuracy[{p['pair']}]"] = p["pair_accuracy"]
-        rows.append(row)
-    atomic_write_csv(out / "bias_lab.csv", pd.DataFrame(rows))
-    cls = pd.concat([r["classes"].assign(model=lab) for lab, r in results.items()])
-    atomic_write_csv(out / "bias_lab_classes.csv", cls)
-    cells = []
-    for lab, r in results.items():
-        for i in range(grid):
-            for j in range(grid):
-                cells.append({"model": lab, "row": i, "col": j,
-                              "tvd": float(r["space_per_cell"][i, j])})
-    atomic_write_csv(out / "bias_lab_cells.csv", pd.DataFrame(cells))
-    fig = _figure(results, names)
-    atomic_save_figure(fig, out / "bias_lab.png", dpi=120, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    atomic_write_text(out / "bias_lab.md", _markdown(results, provenance, names))
-    blob = {"provenance": provenance,
-            "results": {lab: {k: (v.tolist() if isinstance(v, np.ndarray) else
-                                  v.to_dict(orient="records") if hasattr(v, "to_dict") else v)
-                              for k, v in r.items()} for lab, r in results.items()}}
-    atomic_write_json(out / "bias_lab.json", json.loads(json.dumps(blob, default=float)), indent=2)
+    atomic_write_csv(out / "bias_lab.csv", _model_rows(results, prov, preset))
+    atomic_write_csv(out / "bias_lab_classes.csv",
+                     pd.concat([r["classes"].assign(model=lab) for lab, r in results.items()]))
+    atomic_write_csv(out / "bias_lab_cells.csv", _cell_rows(results, grid))
+    save_bias_lab_figure(results, names, out / "bias_lab.png")
+    atomic_write_text(out / "bias_lab.md", bias_lab_markdown(results, provenance, names))
+    atomic_write_json(out / "bias_lab.json", _json_blob(results, provenance), indent=2)
     return results
 
 
-def main(argv=None) -> int:
-    import argparse
-
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write results/toy/bias_lab.{md,csv,png}.")
     ap.add_argument("--out", default=None)
     ap.add_argument("--n-val", type=int, default=None)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .backbone import CLIP_MEAN, CLIP_STD
+from .image_limits import allow_in_pil, check_pixels, exif_upright
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -68,10 +69,6 @@ def open_image(path) -> Image.Image:
     A corrupt, truncated or non-image file raises ``ValueError`` naming the file (PIL's own errors
     do not say which file); a missing one raises ``FileNotFoundError``. Images above the pixel limit
     are refused and the EXIF orientation is applied (:mod:`reclip_core.image_limits`)."""
-    from PIL import UnidentifiedImageError
-
-    from .image_limits import allow_in_pil, check_pixels, exif_upright
-
     allow_in_pil()
     try:
         with Image.open(path) as im:

@@ -1,11 +1,20 @@
-"""Shared fixtures: CLIP models with random weights (no downloads in tests)."""
+"""Shared fixtures: CLIP models with random weights (no downloads in tests); fixtures used by more
+than one test module (``existing``, ``disk_full``, ``server``). Shared plain helpers live in the
+``*_fixtures.py`` modules; test modules never import from one another."""
 from __future__ import annotations
 
+import errno
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from reclip_core import atomic_io
+
+from .atomic_io_fixtures import OLD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -29,6 +38,114 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return reclip_core.load_clip(str(FIXTURES / "tiny_clip.json"), pretrained=None, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes: a file with previous content, and a disk that fills up (test_atomic_io, test_faults*)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def existing(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(OLD)
+    return path
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """``disk_full(name_part)``: every later write to a temporary file whose name contains
+    ``name_part`` writes half its bytes, then fails with ENOSPC (as a full disk does)."""
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.fh.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def arm(name_part: str) -> None:
+        def fdopen(fd, *a, **k):
+            fh = real_fdopen(fd, *a, **k)
+            return Full(fh) if name_part in os.readlink(f"/proc/self/fd/{fd}") else fh
+
+        monkeypatch.setattr(atomic_io.os, "fdopen", fdopen)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to find which file is being written")
+    return arm
+
+
+# --------------------------------------------------------------------------------------------
+# a loopback HTTP server with Range support and a "drop the connection mid-way" mode
+# (test_data_prep, test_faults*)
+# --------------------------------------------------------------------------------------------
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.log.append((self.path, self.headers.get("Range")))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        rng = self.headers.get("Range")
+        start = 0
+        if rng and srv.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if self.path in srv.drop_once:
+            srv.drop_once.discard(self.path)
+            cut = len(body) // 2
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # the connection dies mid-body
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.log, srv.drop_once, srv.honour_range = {}, [], set(), True
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -22,19 +22,7 @@ from reclip_core.atomic_io import (
     atomic_write_text,
 )
 
-OLD = b"previous complete content\n" * 10
-
-
-@pytest.fixture
-def existing(tmp_path):
-    path = tmp_path / "out.bin"
-    path.write_bytes(OLD)
-    return path
-
-
-def assert_untouched(path):
-    assert path.read_bytes() == OLD
-    assert sorted(os.listdir(path.parent)) == [path.name], "temporary file left behind"
+from .atomic_io_fixtures import assert_untouched
 
 
 def test_write_creates_parents_and_leaves_no_temp(tmp_path):

@@ -6,40 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from reclip_core.datasets import DATASET_NAMES, get_dataset
 from reclip_core.datasets.benchmarks import (BENCHMARKS, BenchmarkImages, BenchmarkSegmentation,
                                              reduce_zero_label)
 
-H, W = 6, 9
+from .benchmark_fixtures import H, W, layout
+
 CLASS_DIR = Path(__file__).resolve().parents[1] / "reclip_core" / "class_names"
-
-
-def _layout(root: Path, ids_train, ids_val, label_value=0, image_mode="RGB", suffix=".jpg", manifest=True):
-    for split, ids in (("train", ids_train), ("val", ids_val)):
-        d = root / "images" / split
-        d.mkdir(parents=True, exist_ok=True)
-        for i in ids:
-            if image_mode == "P":
-                img = Image.new("P", (W, H), 3)
-                img.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 200, 100, 50] + [0] * (256 * 3 - 12))
-            elif image_mode == "RGBA":
-                img = Image.new("RGBA", (W, H), (255, 0, 0, 40))
-            elif image_mode == "L":
-                img = Image.new("L", (W, H), 77)
-            else:
-                img = Image.new("RGB", (W, H), (1, 2, 3))
-            img.save(d / f"{i}{suffix}")
-    lab = root / "labels" / "val"
-    lab.mkdir(parents=True, exist_ok=True)
-    for i in ids_val:
-        arr = np.full((H, W), label_value, np.uint8)
-        arr[0, :4] = [0, 1, 20, 255]
-        Image.fromarray(arr).save(lab / f"{i}.png")
-    if manifest:
-        (root / "manifest.json").write_text(json.dumps({"counts": {"train": len(ids_train), "val": len(ids_val)}}))
-    return root
 
 
 def test_class_lists_counts_unique():
@@ -60,7 +34,7 @@ def test_class_lists_counts_unique():
 
 
 def test_train_split_holds_no_labels(tmp_path):
-    root = _layout(tmp_path / "voc", ["b", "a", "c"], ["v1"])
+    root = layout(tmp_path / "voc", ["b", "a", "c"], ["v1"])
     ds = get_dataset("voc", "train", root=root)
     assert isinstance(ds, BenchmarkImages) and not isinstance(ds, BenchmarkSegmentation)
     assert ds.ids == ["a", "b", "c"]
@@ -75,7 +49,7 @@ def test_train_split_holds_no_labels(tmp_path):
 @pytest.mark.parametrize("name,reduced", [("voc", True), ("context", True), ("ade", True),
                                           ("cityscapes", False), ("coco_stuff27", False)])
 def test_val_labels_int64_and_reduce_zero_label(tmp_path, name, reduced):
-    root = _layout(tmp_path / name, ["t"], ["v2", "v1"], label_value=5)
+    root = layout(tmp_path / name, ["t"], ["v2", "v1"], label_value=5)
     ds = get_dataset(name, "val", root=root)
     assert ds.ids == ["v1", "v2"] and len(ds) == 2
     item = ds[0]
@@ -96,7 +70,7 @@ def test_reduce_zero_label_function():
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
 def test_images_are_rgb(tmp_path, mode):
-    root = _layout(tmp_path / "ade", ["t"], ["v"], image_mode=mode, suffix=".png")
+    root = layout(tmp_path / "ade", ["t"], ["v"], image_mode=mode, suffix=".png")
     for split in ("train", "val"):
         img = get_dataset("ade", split, root=root)[0]["image"]
         assert img.mode == "RGB" and img.size == (W, H)
@@ -116,7 +90,7 @@ def test_missing_root_names_the_data_prep_command(tmp_path, name):
 
 def test_default_root_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RECLIP_DATA", str(tmp_path))
-    _layout(tmp_path / "cityscapes", ["t"], ["v"])
+    layout(tmp_path / "cityscapes", ["t"], ["v"])
     assert len(get_dataset("cityscapes", "train")) == 1
     monkeypatch.delenv("RECLIP_DATA")
     monkeypatch.chdir(tmp_path)
@@ -125,7 +99,7 @@ def test_default_root_and_env(tmp_path, monkeypatch):
 
 
 def test_missing_val_label_and_manifest_mismatch(tmp_path):
-    root = _layout(tmp_path / "coco", ["t1", "t2"], ["v1", "v2"])
+    root = layout(tmp_path / "coco", ["t1", "t2"], ["v1", "v2"])
     (root / "labels" / "val" / "v2.png").unlink()
     with pytest.raises(FileNotFoundError, match="v2.png"):
         get_dataset("coco_stuff27", "val", root=root)
@@ -139,7 +113,7 @@ def test_get_dataset_unknown_name_and_options(tmp_path):
         get_dataset("pascal", "val")
     for n in DATASET_NAMES:
         assert n in str(ei.value)
-    root = _layout(tmp_path / "voc", ["t"], ["v"])
+    root = layout(tmp_path / "voc", ["t"], ["v"])
     with pytest.raises(ValueError, match="unexpected options"):
         get_dataset("voc", "val", root=root, preset="biased")
     with pytest.raises(ValueError, match="split"):

@@ -22,7 +22,7 @@ from benchmarks.rows import BENCH_TEMPLATES
 from benchmarks.run import build_rows, main, same_output, time_reproduce
 from reclip_core import ReCLIPPP, class_names
 from reclip_core.loss import gumbel_masked_contrastive_loss
-from reclip_core.training import TrainViews
+from reclip_core.views import TrainViews
 from reclip_core.transforms import TrainTransform, window_boxes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,20 +15,13 @@ import torch
 from reclip_core.checkpoint import (LATEST, convert_release_checkpoint, find_checkpoint, load_checkpoint,
                                     load_model_weights, save_checkpoint)
 
+from .checkpoint_fixtures import optim_state
 from .train_fixtures import NAMES
-
-
-def _optim_state(seed):
-    p = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)))
-    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    p.sum().backward()
-    opt.step()
-    return opt.state_dict()
 
 
 def test_round_trip_with_weights_only_optimizer(tmp_path):
     w = {"a.weight": torch.randn(3, 4), "a.num_batches_tracked": torch.tensor(5)}
-    opt = _optim_state(0)
+    opt = optim_state(0)
     save_checkpoint(tmp_path, w, {"step": 7, "epoch": 1, "note": "x"}, opt)
     ck = load_checkpoint(tmp_path)
     assert ck.state["step"] == 7 and ck.state["note"] == "x"
@@ -38,7 +31,7 @@ def test_round_trip_with_weights_only_optimizer(tmp_path):
 
 
 def test_optimizer_file_is_read_with_weights_only(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, {"w": torch.zeros(1)}, {"step": 1}, _optim_state(0))
+    save_checkpoint(tmp_path, {"w": torch.zeros(1)}, {"step": 1}, optim_state(0))
     seen = {}
     real = torch.load
 
@@ -53,7 +46,7 @@ def test_optimizer_file_is_read_with_weights_only(tmp_path, monkeypatch):
 
 def test_prune_keeps_newest(tmp_path):
     for step in range(1, 5):
-        save_checkpoint(tmp_path, {"w": torch.full((2,), float(step))}, {"step": step}, _optim_state(step), keep=2)
+        save_checkpoint(tmp_path, {"w": torch.full((2,), float(step))}, {"step": step}, optim_state(step), keep=2)
     names = sorted(p.name for p in tmp_path.iterdir() if p.name != LATEST)
     assert names == ["step00000003.optim.pt", "step00000003.safetensors",
                      "step00000004.optim.pt", "step00000004.safetensors"]
@@ -64,7 +57,7 @@ def test_prune_keeps_newest(tmp_path):
 def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch, fail_in):
     import reclip_core.checkpoint as ckmod
 
-    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1}, _optim_state(1))
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1}, optim_state(1))
 
     def boom(*a, **k):
         raise KeyboardInterrupt("killed")
@@ -72,7 +65,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch, fail_in)
     target = {"weights": "atomic_save_safetensors", "optimizer": "atomic_torch_save", "latest": "atomic_write_json"}
     monkeypatch.setattr(ckmod, target[fail_in], boom)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, {"w": torch.full((3,), 2.0)}, {"step": 2}, _optim_state(2))
+        save_checkpoint(tmp_path, {"w": torch.full((3,), 2.0)}, {"step": 2}, optim_state(2))
     monkeypatch.undo()
     ck = load_checkpoint(tmp_path)
     assert ck.state["step"] == 1 and torch.equal(ck.weights["w"], torch.ones(3))

@@ -3,83 +3,22 @@ and every dataset command end to end on tiny fixtures in the official on-disk fo
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import os
-import tarfile
-import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from data_prep import convert
 from data_prep.download import Archive, ChecksumError, DownloadError, fetch, verify_file
 from data_prep.extract import UnsafeArchiveError, safe_extract
 
+from .data_prep_fixtures import registry, run_cli, tar_bytes, write_tar, write_zip, zip_bytes
 
-# --------------------------------------------------------------------------------------------
-# a loopback HTTP server with Range support and a "drop the connection mid-way" mode
-# --------------------------------------------------------------------------------------------
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):  # keep test output quiet
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.log.append((self.path, self.headers.get("Range")))
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        rng = self.headers.get("Range")
-        start = 0
-        if rng and srv.honour_range:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        if self.path in srv.drop_once:
-            srv.drop_once.discard(self.path)
-            cut = len(body) // 2
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)  # the connection dies mid-body
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.log, srv.drop_once, srv.honour_range = {}, [], set(), True
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+# the loopback HTTP ``server`` fixture (Range support, "drop the connection mid-way") is in conftest.py
 
 
 def _archive(name, data, urls, **kw):
@@ -208,36 +147,9 @@ def test_wrong_size_is_refused_before_hashing(tmp_path):
 # --------------------------------------------------------------------------------------------
 # safe extraction
 # --------------------------------------------------------------------------------------------
-def _tar(path, members):
-    """members: list of (name, bytes) or (name, ('symlink'|'hardlink', target))."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if isinstance(data, tuple):
-                info.type = tarfile.SYMTYPE if data[0] == "symlink" else tarfile.LNKTYPE
-                info.linkname = data[1]
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _zip(path, members):
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members:
-            if isinstance(data, tuple):  # symlink entry
-                info = zipfile.ZipInfo(name)
-                info.external_attr = (0o120777 << 16)
-                zf.writestr(info, data[1])
-            else:
-                zf.writestr(zipfile.ZipInfo(name), data)
-    return path
-
-
 @pytest.mark.parametrize("kind", ["tar", "zip"])
 def test_extract_refuses_dotdot(tmp_path, kind):
-    make = _tar if kind == "tar" else _zip
+    make = write_tar if kind == "tar" else write_zip
     arc = make(tmp_path / f"evil.{kind}", [("ok.txt", b"fine"), ("sub/../../evil.txt", b"pwned")])
     dest = tmp_path / "out"
     with pytest.raises(UnsafeArchiveError, match=r"sub/\.\./\.\./evil\.txt"):
@@ -249,7 +161,7 @@ def test_extract_refuses_dotdot(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["tar", "zip"])
 def test_extract_refuses_absolute_member(tmp_path, kind):
     target = tmp_path / "abs_target.txt"
-    make = _tar if kind == "tar" else _zip
+    make = write_tar if kind == "tar" else write_zip
     arc = make(tmp_path / f"abs.{kind}", [(str(target), b"pwned")])
     with pytest.raises(UnsafeArchiveError, match="absolute"):
         safe_extract(arc, tmp_path / "out", progress=False)
@@ -257,27 +169,27 @@ def test_extract_refuses_absolute_member(tmp_path, kind):
 
 
 def test_extract_refuses_escaping_symlink_and_hardlink(tmp_path):
-    arc = _tar(tmp_path / "link.tar", [("data/a.txt", b"x"), ("data/link", ("symlink", "../../outside"))])
+    arc = write_tar(tmp_path / "link.tar", [("data/a.txt", b"x"), ("data/link", ("symlink", "../../outside"))])
     with pytest.raises(UnsafeArchiveError, match="data/link"):
         safe_extract(arc, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "data").exists()
-    arc2 = _tar(tmp_path / "hard.tar", [("h", ("hardlink", "../secret"))])
+    arc2 = write_tar(tmp_path / "hard.tar", [("h", ("hardlink", "../secret"))])
     with pytest.raises(UnsafeArchiveError, match="hard"):
         safe_extract(arc2, tmp_path / "out2", progress=False)
-    arc3 = _tar(tmp_path / "abslink.tar", [("l", ("symlink", "/etc/passwd"))])
+    arc3 = write_tar(tmp_path / "abslink.tar", [("l", ("symlink", "/etc/passwd"))])
     with pytest.raises(UnsafeArchiveError, match="symbolic"):
         safe_extract(arc3, tmp_path / "out3", progress=False)
-    arc4 = _zip(tmp_path / "link.zip", [("l", ("symlink", "../../etc/passwd"))])
+    arc4 = write_zip(tmp_path / "link.zip", [("l", ("symlink", "../../etc/passwd"))])
     with pytest.raises(UnsafeArchiveError, match="outside"):
         safe_extract(arc4, tmp_path / "out4", progress=False)
 
 
 def test_extract_good_archives_with_filter_and_inner_symlink(tmp_path):
-    arc = _tar(tmp_path / "good.tar", [("d/a.txt", b"A"), ("d/b.txt", b"B"), ("d/l", ("symlink", "a.txt"))])
+    arc = write_tar(tmp_path / "good.tar", [("d/a.txt", b"A"), ("d/b.txt", b"B"), ("d/l", ("symlink", "a.txt"))])
     out = safe_extract(arc, tmp_path / "o", include=lambda r: not r.endswith("b.txt"), progress=False)
     assert (out / "d" / "a.txt").read_bytes() == b"A" and not (out / "d" / "b.txt").exists()
     assert (out / "d" / "l").is_symlink() and (out / "d" / "l").read_bytes() == b"A"
-    z = _zip(tmp_path / "good.zip", [("z/x.txt", b"X")])
+    z = write_zip(tmp_path / "good.zip", [("z/x.txt", b"X")])
     assert (safe_extract(z, tmp_path / "oz", progress=False) / "z" / "x.txt").read_bytes() == b"X"
     (tmp_path / "oz" / "z" / "x.txt").unlink()
     safe_extract(z, tmp_path / "oz", progress=False)  # stamp: already extracted, skipped
@@ -440,47 +352,7 @@ def _gray_png(arr):
     return buf.getvalue()
 
 
-def _registry(tmp_path, server, name, archives):
-    """Serve ``archives`` {filename: bytes} and write a registry for dataset ``name``."""
-    reg = {"archives": {}, "datasets": {name: list(archives)}}
-    for fn, data in archives.items():
-        entry = {"filename": fn, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if server is not None:
-            server.files[f"/{fn}"] = data
-            entry["urls"] = [server.url(f"/{fn}")]
-        else:
-            entry.update(urls=[], login=True, login_url="https://example.invalid/login")
-        reg["archives"][fn] = entry
-    path = tmp_path / "registry.yaml"
-    path.write_text(yaml.safe_dump(reg))
-    return path
-
-
-def _tar_bytes(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _zip_bytes(members):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 H, W = 8, 12
-
-
-def _run_cli(*args):
-    from data_prep.__main__ import main
-
-    return main([*map(str, args), "--no-progress"])
 
 
 def _check_layout(root, name, n_train, n_val):
@@ -509,16 +381,16 @@ def test_prepare_voc_end_to_end(server, tmp_path):
     for i in ("2007_000001", "2007_000002", "2007_000003"):
         members[pre + f"JPEGImages/{i}.jpg"] = _jpg()
         members[pre + f"SegmentationClass/{i}.png"] = _palette_png(lab)
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": _tar_bytes(members)})
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": tar_bytes(members)})
     root = tmp_path / "voc"
-    assert _run_cli("voc", "--root", root, "--registry", reg) == 0
+    assert run_cli("voc", "--root", root, "--registry", reg) == 0
     m, train, val = _check_layout(root, "voc", 2, 1)
     assert train.ids == ["2007_000001", "2007_000002"] and val.ids == ["2007_000003"]
     y = val[0]["label"]
     assert y.dtype == np.int64 and y[0, 0] == 0 and y[0, 1] == 14 and y[0, 2] == 255 and y[1, 1] == 255
     assert not (root / "raw" / "VOCdevkit" / "VOC2012" / "Annotations").exists()  # only needed members
     n = len(server.log)
-    assert _run_cli("voc", "--root", root, "--registry", reg) == 0  # up to date: no download
+    assert run_cli("voc", "--root", root, "--registry", reg) == 0  # up to date: no download
     assert len(server.log) == n
 
 
@@ -541,11 +413,11 @@ def test_prepare_context_end_to_end(server, tmp_path):
         ],
         "categories": [],
     }
-    tar = _tar_bytes({f"VOCdevkit/VOC2010/JPEGImages/2008_00000{i}.jpg": _jpg() for i in (1, 2, 3)})
-    reg = _registry(tmp_path, server, "context", {"VOCtrainval_03-May-2010.tar": tar,
-                                                  "trainval_merged.json": json.dumps(data).encode()})
+    tar = tar_bytes({f"VOCdevkit/VOC2010/JPEGImages/2008_00000{i}.jpg": _jpg() for i in (1, 2, 3)})
+    reg = registry(tmp_path, server, "context", {"VOCtrainval_03-May-2010.tar": tar,
+                                                 "trainval_merged.json": json.dumps(data).encode()})
     root = tmp_path / "ctx"
-    assert _run_cli("context", "--root", root, "--registry", reg) == 0
+    assert run_cli("context", "--root", root, "--registry", reg) == 0
     _, train, val = _check_layout(root, "context", 1, 1)
     y = val[0]["label"]
     assert (y[:, :4] == 58).all()  # wood, the last of the 59
@@ -561,9 +433,9 @@ def test_prepare_ade_end_to_end(server, tmp_path):
                pre + "annotations/training/ADE_train_00000002.png": _gray_png(ann),
                pre + "images/validation/ADE_val_00000001.jpg": _jpg(mode="L"),
                pre + "annotations/validation/ADE_val_00000001.png": _gray_png(ann)}
-    reg = _registry(tmp_path, server, "ade", {"ADEChallengeData2016.zip": _zip_bytes(members)})
+    reg = registry(tmp_path, server, "ade", {"ADEChallengeData2016.zip": zip_bytes(members)})
     root = tmp_path / "ade"
-    assert _run_cli("ade", "--root", root, "--registry", reg) == 0
+    assert run_cli("ade", "--root", root, "--registry", reg) == 0
     _, train, val = _check_layout(root, "ade", 2, 1)
     assert train.ids == ["ADE_train_00000001", "ADE_train_00000002"]
     item = val[0]
@@ -582,15 +454,15 @@ def test_prepare_cityscapes_from_user_archives(tmp_path):
             "leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png": _pngimg(),
             "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png": _pngimg(),
             "leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png": _pngimg()}
-    zips = {"gtFine_trainvaltest.zip": _zip_bytes(gt), "leftImg8bit_trainvaltest.zip": _zip_bytes(left)}
-    reg = _registry(tmp_path, None, "cityscapes", zips)
+    zips = {"gtFine_trainvaltest.zip": zip_bytes(gt), "leftImg8bit_trainvaltest.zip": zip_bytes(left)}
+    reg = registry(tmp_path, None, "cityscapes", zips)
     root = tmp_path / "cs"
-    assert _run_cli("cityscapes", "--root", root, "--registry", reg) == 2  # no archives given
+    assert run_cli("cityscapes", "--root", root, "--registry", reg) == 2  # no archives given
     mine = tmp_path / "my_downloads"
     mine.mkdir()
     for fn, data in zips.items():
         (mine / fn).write_bytes(data)
-    assert _run_cli("cityscapes", "--root", root, "--registry", reg, "--archives", mine) == 0
+    assert run_cli("cityscapes", "--root", root, "--registry", reg, "--archives", mine) == 0
     _, train, val = _check_layout(root, "cityscapes", 2, 1)
     assert train.ids == ["aachen_000000_000019", "bochum_000000_000313"]
     assert val[0]["label"][0, :4].tolist() == [13, 255, 18, 0]
@@ -600,13 +472,13 @@ def test_prepare_cityscapes_from_user_archives(tmp_path):
 def test_prepare_coco_stuff27_end_to_end(server, tmp_path):
     fine = np.full((H, W), 255, np.uint8)
     fine[0, :4] = [0, 168, 51, 181]
-    zips = {"val2017.zip": _zip_bytes({"val2017/000000000139.jpg": _jpg()}),
-            "stuffthingmaps_trainval2017.zip": _zip_bytes({"val2017/000000000139.png": _gray_png(fine),
-                                                           "train2017/000000000009.png": _gray_png(fine)}),
-            "train2017.zip": _zip_bytes({"train2017/000000000009.jpg": _jpg(), "train2017/000000000025.jpg": _jpg()})}
-    reg = _registry(tmp_path, server, "coco_stuff27", zips)
+    zips = {"val2017.zip": zip_bytes({"val2017/000000000139.jpg": _jpg()}),
+            "stuffthingmaps_trainval2017.zip": zip_bytes({"val2017/000000000139.png": _gray_png(fine),
+                                                          "train2017/000000000009.png": _gray_png(fine)}),
+            "train2017.zip": zip_bytes({"train2017/000000000009.jpg": _jpg(), "train2017/000000000025.jpg": _jpg()})}
+    reg = registry(tmp_path, server, "coco_stuff27", zips)
     root = tmp_path / "coco"
-    assert _run_cli("coco_stuff27", "--root", root, "--registry", reg, "--remove-raw") == 0
+    assert run_cli("coco_stuff27", "--root", root, "--registry", reg, "--remove-raw") == 0
     _, train, val = _check_layout(root, "coco_stuff27", 2, 1)
     assert val[0]["label"][0, :5].tolist() == [9, 22, 2, 24, 255]  # person, plant, food, solid, unlabeled
     assert not (root / "raw").exists() and len(train) == 2  # images survive: hard links or copies
@@ -614,16 +486,16 @@ def test_prepare_coco_stuff27_end_to_end(server, tmp_path):
 
 def test_prepare_refuses_tampered_archive(server, tmp_path):
     members = {"VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt": b"x\n"}
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": _tar_bytes(members)})
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": tar_bytes(members)})
     server.files["/VOCtrainval_11-May-2012.tar"] = b"X" * len(server.files["/VOCtrainval_11-May-2012.tar"])
-    assert _run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
+    assert run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
     assert (tmp_path / "voc" / "downloads" / "VOCtrainval_11-May-2012.tar.bad").exists()
     assert not (tmp_path / "voc" / "manifest.json").exists()
 
 
 def test_prepare_refuses_traversal_archive(server, tmp_path):
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": _tar_bytes({"../../escape.txt": b"x"})})
-    assert _run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": tar_bytes({"../../escape.txt": b"x"})})
+    assert run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
 
 

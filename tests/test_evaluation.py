@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from reclip_core.evaluation import evaluate, evaluate_run, hypothesis_quality, upsample_logits
+from reclip_core.diagnostics import hypothesis_quality
+from reclip_core.evaluation import evaluate, evaluate_run, upsample_logits
 
 from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config
 
@@ -184,7 +185,7 @@ def test_batched_evaluation_equals_one_image_at_a_time(tiny_clip):
 
 
 def test_token_labels_majority_per_patch_with_padding():
-    from reclip_core.evaluation import token_labels
+    from reclip_core.diagnostics import token_labels
 
     label = np.full((12, 20), 255, np.int64)
     label[0:8, 0:6] = 1          # token (0, 0): 6 of 8 columns are class 1
@@ -201,7 +202,7 @@ def test_token_labels_majority_per_patch_with_padding():
 def test_loss_preference_rows_and_the_loss_of_each_segmentation(tiny_clip):
     import pandas as pd
 
-    from reclip_core.evaluation import loss_preference
+    from reclip_core.diagnostics import loss_preference
     from reclip_core.loss import gumbel_masked_contrastive_loss
     from reclip_core.model import MaskCLIP, ReCLIPPP
     from reclip_core.transforms import eval_preprocess

@@ -46,10 +46,10 @@ from reclip_core.checkpoint import LATEST, convert_release_checkpoint, load_chec
 from reclip_core.datasets import get_dataset
 from reclip_core.transforms import eval_preprocess, to_image_tensor
 
-from .test_atomic_io import assert_untouched, existing  # noqa: F401  (fixture)
-from .test_benchmark_readers import H, W, _layout
-from .test_checkpoint import _optim_state
-from .test_data_prep import _registry, _run_cli, _tar, _tar_bytes, _zip, server  # noqa: F401  (fixture)
+from .atomic_io_fixtures import assert_untouched
+from .benchmark_fixtures import H, W, layout
+from .checkpoint_fixtures import optim_state
+from .data_prep_fixtures import registry, run_cli, tar_bytes, write_tar, write_zip
 from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ MODES = {
 
 def _val_root(tmp_path, image_bytes: bytes, suffix=".png", label_hw=(H, W)) -> Path:
     """A prepared 'voc' layout (reader test helper) whose one val image is ``image_bytes``."""
-    root = _layout(tmp_path / "voc", ["a"], ["v"], suffix=suffix, manifest=False)
+    root = layout(tmp_path / "voc", ["a"], ["v"], suffix=suffix, manifest=False)
     for p in (root / "images" / "val").iterdir():
         p.unlink()
     (root / "images" / "val" / f"v{suffix}").write_bytes(image_bytes)
@@ -491,44 +491,8 @@ def test_13_resume_after_kill_equals_uninterrupted_run(killed_run, tmp_path, tin
 
 # ------------------------------------------------------------------------------------------------
 # 14. disk full while writing results: no partial file, previous files intact, a clear message
+#     (the ``disk_full`` and ``existing`` fixtures are in conftest.py)
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def disk_full(monkeypatch):
-    """``disk_full(name_part)``: every later write to a temporary file whose name contains
-    ``name_part`` writes half its bytes, then fails with ENOSPC (as a full disk does)."""
-
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-    def arm(name_part: str) -> None:
-        def fdopen(fd, *a, **k):
-            fh = real_fdopen(fd, *a, **k)
-            return Full(fh) if name_part in os.readlink(f"/proc/self/fd/{fd}") else fh
-
-        monkeypatch.setattr(atomic_io.os, "fdopen", fdopen)
-
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc to find which file is being written")
-    return arm
-
-
 def _no_space(err) -> None:
     assert err.value.errno == errno.ENOSPC
     assert "no space left" in str(err.value) and "previous version is unchanged" in str(err.value)
@@ -599,10 +563,10 @@ def test_14_disk_full_in_lab_save_table_keeps_both_files(tmp_path, disk_full):
 
 
 def test_14_disk_full_during_checkpoint_keeps_previous(tmp_path, disk_full):
-    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1}, _optim_state(1))
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1}, optim_state(1))
     disk_full(".step00000002.optim.pt.")
     with pytest.raises(OSError) as err:
-        save_checkpoint(tmp_path, {"w": torch.full((3,), 2.0)}, {"step": 2}, _optim_state(2))
+        save_checkpoint(tmp_path, {"w": torch.full((3,), 2.0)}, {"step": 2}, optim_state(2))
     _no_space(err)
     ck = load_checkpoint(tmp_path)
     assert ck.state["step"] == 1 and torch.equal(ck.weights["w"], torch.ones(3))
@@ -625,9 +589,9 @@ def test_15_archive_with_bad_checksum_is_refused(server, tmp_path):
     assert want in msg and f"{f}.bad" in msg and "run the same command again" in msg
     assert not f.exists() and Path(f"{f}.bad").read_bytes() == b"tampered" * 100  # moved aside, never used
     # end to end: `python -m data_prep voc` exits 1 and writes no dataset
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": _tar_bytes({"x.txt": b"x"})})
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": tar_bytes({"x.txt": b"x"})})
     server.files["/VOCtrainval_11-May-2012.tar"] = b"X" * len(server.files["/VOCtrainval_11-May-2012.tar"])
-    assert _run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
+    assert run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
     assert not (tmp_path / "voc" / "manifest.json").exists() and not (tmp_path / "voc" / "images").exists()
 
 
@@ -641,7 +605,8 @@ def test_16_traversal_or_absolute_members_refuse_the_whole_archive(tmp_path, kin
 
     outside = tmp_path / "escape.txt"
     name = str(outside) if member == "ABSOLUTE" else member
-    arc = (_tar if kind == "tar" else _zip)(tmp_path / f"evil.{kind}", [("ok.txt", b"fine"), (name, b"pwned")])
+    make = write_tar if kind == "tar" else write_zip
+    arc = make(tmp_path / f"evil.{kind}", [("ok.txt", b"fine"), (name, b"pwned")])
     dest = tmp_path / "out" / "inner"
     with pytest.raises(UnsafeArchiveError) as err:
         safe_extract(arc, dest, progress=False)
@@ -652,8 +617,8 @@ def test_16_traversal_or_absolute_members_refuse_the_whole_archive(tmp_path, kin
 
 
 def test_16_traversal_archive_fails_data_prep(server, tmp_path):
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": _tar_bytes({"../../escape.txt": b"x"})})
-    assert _run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": tar_bytes({"../../escape.txt": b"x"})})
+    assert run_cli("voc", "--root", tmp_path / "voc", "--registry", reg) == 1
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "voc" / "manifest.json").exists()
 
 

@@ -33,9 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .test_atomic_io import existing  # noqa: F401  (fixture)
-from .test_data_prep import _registry, server  # noqa: F401  (fixture)
-from .test_faults import disk_full  # noqa: F401  (fixture)
+from .data_prep_fixtures import registry
 from .train_fixtures import write_tiny_world_config, refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +142,7 @@ def test_24_dataset_identity_sees_other_roots_splits_and_replaced_files(tmp_path
 def test_24_feature_cache_key_changes_with_the_images(tmp_path, tiny_clip):
     from reclip_core.model import ReCLIPPP
     from reclip_core.provenance import feature_cache_key
-    from reclip_core.training import TrainViews
+    from reclip_core.views import TrainViews
     from reclip_core.transforms import TrainTransform
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -262,7 +260,7 @@ def test_26_class_names_unknown_to_the_toy_clip_arerefused(world, tmp_path):
 
 
 def test_26_truncated_or_partly_unknown_names():
-    from reclip_core.backbone import load_clip
+    from reclip_core.clip_loading import load_clip
     from reclip_core.text import text_embeddings
 
     clip = load_clip("toy", "biased")
@@ -334,7 +332,7 @@ def test_27_data_prep_refuses_a_bomb_with_exit_1(server, tmp_path):  # noqa: F81
         info = tarfile.TarInfo("VOCdevkit/VOC2012/JPEGImages/zeros.jpg")
         info.size = 24 << 20
         tf.addfile(info, io.BytesIO(b"\0" * info.size))
-    reg = _registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": buf.getvalue()})
+    reg = registry(tmp_path, server, "voc", {"VOCtrainval_11-May-2012.tar": buf.getvalue()})
     line = refused(_cli("voc", "--root", tmp_path / "voc", "--registry", reg, "--no-progress", module="data_prep"), 1)
     assert "decompression bomb" in line and "--max-expansion" in line
     assert not (tmp_path / "voc" / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "zeros.jpg").exists()

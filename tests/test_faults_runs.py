@@ -146,7 +146,7 @@ def test_21_cli_refuses_impossible_weights_naming_tensor_and_file(world, damage)
 
 def _tiny_model(world, latest):
     from reclip_core.config import validate
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     return build_model(validate(latest["config"]), device="cpu")
 
@@ -315,6 +315,11 @@ def test_23_second_writer_is_refused_while_the_first_holds_the_lock(world, tmp_p
         assert "`train`" in err and "--set output_dir=" in err
         err = _mainrefused(capsys, "evaluate", "--config", world["cfg"], "--set", f"output_dir={run}", "--quiet")
         assert f"pid {os.getpid()}" in err
+        hyps = (run / "hypotheses.json").read_bytes()
+        err = _mainrefused(capsys, "hypothesis", "--config", world["cfg"], "--set", f"output_dir={run}",
+                           "--no-resume", "--quiet")  # train reads that file: rewriting it mid-run is refused
+        assert f"run folder {run} is in use" in err and f"pid {os.getpid()}" in err
+        assert (run / "hypotheses.json").read_bytes() == hyps
         with pytest.raises(RunFolderLocked):  # in-process too (a notebook beside a CLI run)
             with run_folder_lock(run, "evaluate"):
                 pass

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from reclip_core.config import build_dataset, load_config, resolve_class_names
+from reclip_core.config import load_config
+from reclip_core.run_inputs import build_dataset, resolve_class_names
 from reclip_core.datasets import get_dataset
 from reclip_core.datasets.folder import FolderImages, FolderSegmentation
-from reclip_core.text import display_name, read_class_file, synonyms, text_embeddings, tokenize
+from reclip_core.datasets.class_lists import read_class_file
+from reclip_core.text import display_name, synonyms, text_embeddings, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["red circle", "blue square", "green triangle"]

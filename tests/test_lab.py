@@ -10,8 +10,9 @@ from PIL import Image
 from reclip_core import MaskCLIP
 from reclip_core.bias_analysis import class_bias
 from reclip_core.evaluation import evaluate, upsample_logits
-from reclip_core.lab import bias_table, compare_to_reference, headline, markdown_table, reference_numbers
+from reclip_core.lab import bias_table, compare_to_reference, headline, reference_numbers
 from reclip_core.reproduce import check_parameter_names, check_parameters
+from reclip_core.result_files import table_markdown
 from reclip_core.transforms import eval_preprocess
 
 
@@ -83,7 +84,7 @@ def test_compare_to_reference_reports_misses():
 
 
 def test_markdown_table():
-    md = markdown_table(pd.DataFrame({"a": ["x"], "b": [1.234], "c": [float("nan")]}), ".2f")
+    md = table_markdown(pd.DataFrame({"a": ["x"], "b": [1.234], "c": [float("nan")]}), ".2f")
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 1.23 | – |"]
 
 

@@ -51,3 +51,24 @@ def test_bias_figures_render():
     for fig in figs:
         assert fig.axes
         matplotlib.pyplot.close(fig)
+
+
+def test_figures_overlays_and_folder_outputs_give_class_k_the_same_colour():
+    import seaborn as sns
+    from PIL import Image
+
+    from reclip_core.segment import overlay_figure
+    from reclip_core.segment_folder import class_colours, mask_image, overlay_image
+
+    for n in (3, 20, 27):  # part of tab20, all of it, and gist_ncar beyond
+        names, mask = [f"c{k}" for k in range(n)], np.arange(n).reshape(1, n)
+        figure = plots.colorize(mask, n)[0]  # the notebooks' figures
+        fig = overlay_figure(Image.new("RGB", (n, 1)), mask, names, alpha=1.0)  # segment --image
+        single = np.round(np.asarray(fig.axes[1].images[0].get_array()) * 255).astype(np.uint8)[0]
+        folder = np.asarray(overlay_image(Image.new("RGB", (n, 1)), mask, names, class_colours(n), alpha=1.0))[0, :n]
+        png = np.array(mask_image(mask, class_colours(n)).getpalette()[:3 * n]).reshape(n, 3)
+        for colours in (single, folder, png, class_colours(n)):
+            assert np.array_equal(colours, figure), n
+        assert len({tuple(c) for c in figure}) == n  # no two classes share a colour
+        if n <= 20:  # the figures keep the colours seaborn's "tab20" gave them
+            assert np.array_equal(figure, (np.array(sns.color_palette("tab20", n)) * 255).astype(np.uint8))

@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reclip_core.config import load_config, resolve_class_names
-from reclip_core.text import PROMPT_TEMPLATES, class_names
+from reclip_core.config import load_config
+from reclip_core.run_inputs import resolve_class_names
+from reclip_core.datasets.class_lists import class_names
+from reclip_core.text import PROMPT_TEMPLATES
 
 from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config
 
@@ -124,7 +126,8 @@ def _release_pd(output, model_name, pd, reclip_pd):
 
 @pytest.mark.parametrize("dataset, reclip_pd", [("voc", 0.5), ("context", 0.6), ("ade", 0.5)])
 def test_pd_rule_per_model_equals_the_release(dataset, reclip_pd):
-    from reclip_core.rectify import presence_filter, presence_rule
+    from reclip_core.rectify import presence_filter
+    from reclip_core.run_inputs import presence_rule
 
     cfg = load_config(dataset)
     g = torch.Generator().manual_seed(3)
@@ -145,7 +148,7 @@ def test_pd_rule_per_model_equals_the_release(dataset, reclip_pd):
 
 def test_evaluate_applies_the_reclip_rule_to_reclip_heads_only(tiny_clip, monkeypatch):
     import reclip_core.evaluation as ev
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     cfg = tiny_config("unused", model="reclip", pd_threshold=0.85, reclip_pd_threshold=0.6, reclip_pd_scale=100.0)
     model = build_model(cfg, clip=tiny_clip)
@@ -338,11 +341,10 @@ def test_train_uses_the_configured_normalisation(tmp_path, tiny_clip, monkeypatc
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["window", "threshold"])
 def test_plain_clip_hypotheses_ignore_the_model_options(tmp_path, tiny_clip, monkeypatch, mode):
-    import reclip_core.config as config_mod
     import reclip_core.hypothesis as hyp_mod
     from reclip_core.hypothesis import hypotheses_from_config
 
-    monkeypatch.setattr(config_mod, "build_dataset", lambda cfg, split: ImageSet(4))
+    monkeypatch.setattr(hyp_mod, "build_dataset", lambda cfg, split: ImageSet(4))
     token = tmp_path / "cls_token.pt"
     torch.save(torch.randn(tiny_clip.visual.class_embedding.shape, generator=torch.Generator().manual_seed(4)), token)
     options = {"arch": tiny_config("x")["clip"]["arch"], "pretrained": None, "ln_eps": 0.5, "cls_token": str(token)}

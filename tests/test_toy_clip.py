@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.toyworld import render_scene
+from reclip_core.datasets.toyworld_render import render_scene
 from reclip_core.datasets.toyworld import load_preset, mask_to_label, preset_hash, toyworld_class_names
 from reclip_core.toy_clip import (
     CONFIG_FILE,
@@ -209,7 +209,8 @@ def test_maskclip_val_miou_at_least_three_times_chance(val_batch):
 
 # ---------------------------------------------------------------------------- lab helpers
 def test_toy_clip_goes_through_the_suite_api():
-    from reclip_core.backbone import dense_features, encode_image_cls, load_clip
+    from reclip_core.backbone import dense_features, encode_image_cls
+    from reclip_core.clip_loading import load_clip
 
     m = load_clip("toy", device="cpu")
     assert m.toy_manifest["preset"] == "biased"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from data_prep.toyworld import build_world, render_scene, shape_mask
+from reclip_core.datasets.toyworld_render import build_world, render_scene, shape_mask
 from reclip_core.datasets.toyworld import (
     IGNORE_INDEX,
     ToyWorld,

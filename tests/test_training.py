@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip_core.checkpoint import find_checkpoint, load_checkpoint
-from reclip_core.training import NonFiniteLossError, TrainViews, poly_lr, train
+from reclip_core.checkpoint import load_checkpoint
+from reclip_core.training import NonFiniteLossError, poly_lr, train
 from reclip_core.transforms import TrainTransform, sample_seed
+from reclip_core.views import TrainViews
 
 from .train_fixtures import NAMES, ImageSet, hypotheses_for, scene, tiny_config
 
@@ -163,7 +164,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_clip):
 
 
 def test_training_changes_the_heads_and_logs_every_step(tmp_path, tiny_clip):
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     n = 8
     cfg = tiny_config(tmp_path / "run", epoch=2, batch_size=2)
@@ -264,9 +265,9 @@ def test_global_batch_must_split_over_processes_and_fit_the_data(tmp_path, tiny_
 
 def test_heads_start_the_same_whether_clip_is_loaded_or_passed_in():
     # the CLI loads the CLIP inside build_model, the notebooks pass theirs in: same initial heads
-    from reclip_core.backbone import load_clip
+    from reclip_core.clip_loading import load_clip
     from reclip_core.config import load_config
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     cfg = load_config("toy")
     torch.manual_seed(cfg["seed"])
@@ -282,7 +283,7 @@ def test_heads_start_the_same_whether_clip_is_loaded_or_passed_in():
 def test_gumbel_scale_key_overrides_the_method_constant_for_the_loss(tmp_path, tiny_clip):
     from reclip_core.loss import gumbel_masked_contrastive_loss
     from reclip_core.model import ReCLIP, ReCLIPPP
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip).gumbel_scale == ReCLIPPP.gumbel_scale == 100.0
     assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip, kind="reclip").gumbel_scale == ReCLIP.gumbel_scale
@@ -305,7 +306,7 @@ def test_score_scale_key_sets_the_loss_score_scale_or_reads_the_clip_temperature
     from reclip_core.backbone import logit_scale
     from reclip_core.loss import gumbel_masked_contrastive_loss
     from reclip_core.model import ReCLIPPP
-    from reclip_core.training import build_model
+    from reclip_core.model_factory import build_model
 
     assert build_model(tiny_config(tmp_path / "a"), clip=tiny_clip).score_scale == ReCLIPPP.score_scale == 100.0
     saved = tiny_clip.logit_scale.detach().clone()  # the fixture is shared by the whole session

@@ -24,7 +24,9 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from . import safe_relative_id
+from .class_lists import class_names
+from .ids import safe_relative_id
+from .image_files import ImageFiles
 
 __all__ = [
     "BENCHMARKS",
@@ -39,7 +41,6 @@ __all__ = [
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_CLASS_DIR = Path(__file__).resolve().parent.parent / "class_names"
 
 # name -> (num_classes, reduce_zero_label); class lists live in class_names/<name>.txt
 BENCHMARKS: Dict[str, tuple] = {
@@ -73,11 +74,6 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     return out
 
 
-def _class_names(name: str) -> List[str]:
-    lines = (_CLASS_DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
 def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{name}: {what} not found under {root}. Prepare the dataset first with:\n"
@@ -85,7 +81,7 @@ def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
         "(see docs/datasets.md for disk space and time), or pass root=... pointing at a prepared copy.")
 
 
-class BenchmarkImages:
+class BenchmarkImages(ImageFiles):
     """One split of a prepared benchmark, images only (the training reader)."""
 
     def __init__(self, name: str, split: str = "train", root: Optional[os.PathLike] = None):
@@ -97,7 +93,7 @@ class BenchmarkImages:
         self.split = split
         self.root = Path(root) if root is not None else default_root(name)
         self.num_classes, self.reduce_zero_label = BENCHMARKS[name]
-        self.class_names = _class_names(name)
+        self.class_names = class_names(name)
         self.ignore_index = IGNORE_INDEX
         img_dir = self.root / "images" / split
         if not img_dir.is_dir():
@@ -131,17 +127,6 @@ class BenchmarkImages:
                              f"the preparation was interrupted or files were changed. Rerun "
                              f"`{prepare_command(self.name, self.root)} --force`.")
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _index(self, i) -> int:
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"{self.name} items are indexed by int, got {type(i).__name__}")
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {self.name} {self.split} of size {n}")
-        return int(i) % n
-
     def index(self, id: str) -> int:
         """Position of the item with this id (KeyError naming the split if absent)."""
         try:
@@ -153,25 +138,12 @@ class BenchmarkImages:
         """The item with this id."""
         return self[self.index(id)]
 
-    def image_path(self, i: int) -> Path:
-        return self._images[self._index(i)]
-
     def load_image(self, i: int) -> Image.Image:
-        from ..transforms import open_image  # RGB whatever the mode on disk (16-bit scaled, not clipped)
-
         try:
-            return open_image(self.image_path(i))
+            return super().load_image(i)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"{self.name} {self.split} {self.ids[self._index(i)]}: {err} To restore the prepared "
                             f"dataset, rerun `{prepare_command(self.name, self.root)} --force`.") from err
-
-    def __getitem__(self, i: int) -> dict:
-        i = self._index(i)
-        return {"id": self.ids[i], "image": self.load_image(i)}
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, split={self.split!r}, n={len(self)}, root={str(self.root)!r})"

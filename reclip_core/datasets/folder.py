@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import safe_relative_id
+from .ids import safe_relative_id
+from .image_files import ImageFiles
 
 __all__ = ["IMAGE_SUFFIXES", "LABELS_DIR", "IGNORE_INDEX", "FolderImages", "FolderSegmentation", "folder_dataset",
            "scan_images"]
@@ -128,7 +129,7 @@ def _report(root: Path, skipped: List[Tuple[str, str]], total: int) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-class FolderImages:
+class FolderImages(ImageFiles):
     """The images of a folder, no labels (the training reader; ``split="train"``)."""
 
     def __init__(self, root: os.PathLike, split: str = "train", num_classes: Optional[int] = None,
@@ -143,33 +144,6 @@ class FolderImages:
         # The labels folder is pruned from the scan by name only; it is neither listed nor kept.
         exclude = [self.root / LABELS_DIR] + ([Path(labels)] if labels is not None else [])
         self.ids, self._images, self._sizes, self.skipped = scan_images(self.root, exclude, check_images)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _index(self, i) -> int:
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"folder items are indexed by int, got {type(i).__name__}")
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for folder {self.split} of size {n}")
-        return int(i) % n
-
-    def image_path(self, i: int) -> Path:
-        return self._images[self._index(i)]
-
-    def load_image(self, i: int) -> Image.Image:
-        from ..transforms import open_image  # RGB whatever the mode on disk
-
-        return open_image(self.image_path(i))
-
-    def __getitem__(self, i: int) -> dict:
-        i = self._index(i)
-        return {"id": self.ids[i], "image": self.load_image(i)}
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(split={self.split!r}, n={len(self)}, root={str(self.root)!r})"
