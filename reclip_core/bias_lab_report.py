@@ -67,6 +67,34 @@ def _per_model_table(results: Mapping[str, dict], headers: Sequence[str],
                           ([lab] + cells(r) for lab, r in results.items()))
 
 
+# The per-model sections of the report: title, column headers, the cells of one model's row, the note below.
+_MODEL_SECTIONS = (
+    ("Segmentation",
+     ["MaskCLIP mIoU", "release mIoU", "pixel acc.", "chance", "top-2 image classes (label-free)",
+      "oracle image classes", "image-level top-1"],
+     lambda r: [_fmt(r[k]) for k in ("miou", "miou_release", "pixel_accuracy", "chance_miou", "top2_miou",
+                                     "oracle_miou")] + [f"{_fmt(100 * r['zeroshot_top1'])} %"],
+     "*chance*: expected mIoU of uniformly random per-pixel classes. *oracle*: MaskCLIP "
+     "logits restricted to each image's true classes. *top-2*: restricted to the two best "
+     "classes of the class-token image embedding. *image-level top-1*: the class-token "
+     "top-1 class is in the image."),
+    ("Biases",
+     ["class bias: TVD of predicted vs true pixel shares", "space bias: mean per-cell TVD (4×4 grid)"],
+     lambda r: [f"{r['class_bias_tvd']:.3f}", f"{r['space_bias_tvd']:.3f}"],
+     "0 = unbiased, 1 = disjoint. A position-independent class bias also raises the "
+     "per-cell TVD: compare the two columns, and see the pairs below."),
+    ("What the training loss can see",
+     ["objects read right from their pooled dense features", "patches read right one by one"],
+     lambda r: [f"{_fmt(100 * r['region_readout'])} %", f"{_fmt(100 * r['patch_readout'])} %"],
+     "ReCLIP++'s loss scores each hypothesis class's *pooled* dense feature against the class "
+     "texts (method.md §3), so it can teach the decoder no more than what a region's pooled "
+     "feature says. Left: each val object's dense features averaged over its own pixels, "
+     "classified against the texts; right: its patches (tokens more than half covered) one by "
+     "one; class means. When the two are close, the loss sees what MaskCLIP's argmax sees "
+     "(docs/training.md)."),
+)
+
+
 def _pairs_table(results: Mapping[str, dict]) -> list[str]:
     rows = ([lab, p["pair"], "top/bottom" if p["axis"] == "y" else "left/right", str(p["pixels"]),
              f"{p['follow_position']:.2f}", f"{p['pair_accuracy']:.2f}"]
@@ -99,35 +127,10 @@ def bias_lab_markdown(results: Mapping[str, dict], provenance: Mapping[str, Any]
              f"presets. MaskCLIP = frozen toy CLIP, dense value-path features, text features "
              f"from the 85 CLIP prompt templates, argmax (no training). mIoU in %, mmseg "
              f"definition (classes with non-zero union), background ignored.\n")
-    L.append("## Segmentation\n")
-    L += _per_model_table(
-        results, ["MaskCLIP mIoU", "release mIoU", "pixel acc.", "chance",
-                  "top-2 image classes (label-free)", "oracle image classes", "image-level top-1"],
-        lambda r: [_fmt(r[k]) for k in ("miou", "miou_release", "pixel_accuracy", "chance_miou",
-                                        "top2_miou", "oracle_miou")]
-        + [f"{_fmt(100 * r['zeroshot_top1'])} %"])
-    L.append("\n*chance*: expected mIoU of uniformly random per-pixel classes. *oracle*: MaskCLIP "
-             "logits restricted to each image's true classes. *top-2*: restricted to the two best "
-             "classes of the class-token image embedding. *image-level top-1*: the class-token "
-             "top-1 class is in the image.\n")
-    L.append("## Biases\n")
-    L += _per_model_table(
-        results, ["class bias: TVD of predicted vs true pixel shares",
-                  "space bias: mean per-cell TVD (4×4 grid)"],
-        lambda r: [f"{r['class_bias_tvd']:.3f}", f"{r['space_bias_tvd']:.3f}"])
-    L.append("\n0 = unbiased, 1 = disjoint. A position-independent class bias also raises the "
-             "per-cell TVD: compare the two columns, and see the pairs below.\n")
-    L.append("## What the training loss can see\n")
-    L += _per_model_table(
-        results, ["objects read right from their pooled dense features",
-                  "patches read right one by one"],
-        lambda r: [f"{_fmt(100 * r['region_readout'])} %", f"{_fmt(100 * r['patch_readout'])} %"])
-    L.append("\nReCLIP++'s loss scores each hypothesis class's *pooled* dense feature against the class "
-             "texts (method.md §3), so it can teach the decoder no more than what a region's pooled "
-             "feature says. Left: each val object's dense features averaged over its own pixels, "
-             "classified against the texts; right: its patches (tokens more than half covered) one by "
-             "one; class means. When the two are close, the loss sees what MaskCLIP's argmax sees "
-             "(docs/training.md).\n")
+    for title, headers, cells, note in _MODEL_SECTIONS:
+        L.append(f"## {title}\n")
+        L += _per_model_table(results, headers, cells)
+        L.append(f"\n{note}\n")
     L.append("### Look-alike pairs (same colour; separated by position in the biased pretraining)\n")
     L += _pairs_table(results)
     L.append("\nAmong val pixels of either class of a pair that are predicted as one of the two: "

@@ -24,24 +24,28 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import diagnostics, evaluation, hypothesis, result_files
-from .atomic_io import StaleFileError, move_aside
-from .clip_loading import load_clip, resolve_device
-from .benchmark_report import bias_table, compare_to_reference, headline, reference_numbers
-from .checkpoint import load_model_weights
-from .config import Config, _unknown, load_config, valid_keys
-from .run_inputs import build_dataset, resolve_class_names, resolve_templates
-from .eval_report import EvalReport
-from .model_factory import build_model
-from .paths import RESULTS_DIR
-from .profiles import check_parameters, config_name
-from .text import text_embeddings
-from .training import train
+
+# tqdm.auto warns on stderr when ipywidgets is absent, at the first import of open_clip or tqdm.auto;
+# in a notebook checked by nbval that warning would be compared like an output. So the filter is
+# set before the library (and open_clip through it) is imported. Progress bars are off in the
+# notebooks anyway.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from . import diagnostics, evaluation, hypothesis, result_files  # noqa: E402  (after the filter)
+from .atomic_io import StaleFileError, move_aside  # noqa: E402
+from .benchmark_report import bias_table, compare_to_reference, headline, reference_numbers  # noqa: E402
+from .checkpoint import load_model_weights  # noqa: E402
+from .clip_loading import load_clip, resolve_device  # noqa: E402
+from .config import Config, _unknown, load_config, valid_keys  # noqa: E402
+from .eval_report import EvalReport  # noqa: E402
+from .model_factory import build_model  # noqa: E402
+from .paths import RESULTS_DIR  # noqa: E402
+from .profiles import check_parameters, config_name  # noqa: E402
+from .run_inputs import build_dataset, resolve_class_names, resolve_templates  # noqa: E402
+from .text import text_embeddings  # noqa: E402
+from .training import train  # noqa: E402
 
 T = TypeVar("T")
-# tqdm.auto warns on stderr when ipywidgets is absent; in a notebook checked by nbval that warning
-# would be compared like an output. Progress bars are off in the notebooks anyway.
-warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 def seed_everything(seed: int) -> None:

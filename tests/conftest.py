@@ -15,6 +15,7 @@ import torch
 from reclip_core import atomic_io
 
 from .atomic_io_fixtures import OLD
+from .write_faults import fdopen_failing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -55,32 +56,11 @@ def disk_full(monkeypatch):
     """``disk_full(name_part)``: every later write to a temporary file whose name contains
     ``name_part`` writes half its bytes, then fails with ENOSPC (as a full disk does)."""
 
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
+    def no_space(fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     def arm(name_part: str) -> None:
-        def fdopen(fd, *a, **k):
-            fh = real_fdopen(fd, *a, **k)
-            return Full(fh) if name_part in os.readlink(f"/proc/self/fd/{fd}") else fh
-
-        monkeypatch.setattr(atomic_io.os, "fdopen", fdopen)
+        monkeypatch.setattr(atomic_io.os, "fdopen", fdopen_failing(os.fdopen, name_part, no_space))
 
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to find which file is being written")

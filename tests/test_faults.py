@@ -386,32 +386,14 @@ KILLED_TRAINER = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[2]))  # the test process's count: bitwise-equal arithmetic
 
-    real_fdopen = os.fdopen
+    from tests.write_faults import fdopen_failing
 
-    class DieMidWrite:
-        # writes half of what it is given, makes it durable, then the process is killed (no cleanup)
-        def __init__(self, fh):
-            self.fh = fh
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            print("killing", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
+    def die(fh):  # make the half written durable, then die without any cleanup
+        os.fsync(fh.fileno())
+        print("killing", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def fdopen(fd, *a, **k):
-        fh = real_fdopen(fd, *a, **k)
-        if "step00000003.safetensors" in os.path.basename(os.readlink(f"/proc/self/fd/{fd}")):
-            return DieMidWrite(fh)
-        return fh
-
-    os.fdopen = fdopen
+    os.fdopen = fdopen_failing(os.fdopen, "step00000003.safetensors", die)
     import reclip_core
     from reclip_core.training import train
     from tests.train_fixtures import ImageSet, hypotheses_for, tiny_config, TINY_CLIP_JSON
