@@ -12,7 +12,7 @@ extracts them safely, converts the evaluation labels and writes a manifest; see
 """
 from __future__ import annotations
 
-DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
+from reclip_core.datasets.names import BENCHMARK_NAMES as DATASETS  # the library's list (no torch import)
 
 
 def prepare(*args, **kwargs):

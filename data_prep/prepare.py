@@ -31,7 +31,7 @@ import numpy as np
 from reclip_core.atomic_io import atomic_write_bytes, atomic_write_json
 from reclip_core.datasets import safe_relative_id
 
-from . import convert
+from . import DATASETS, convert
 from .download import dataset_archives, fetch
 from .extract import safe_extract
 
@@ -39,7 +39,6 @@ __all__ = ["DATASETS", "SPECS", "Item", "prepare", "write_split", "write_manifes
            "gather_voc", "gather_context", "gather_ade", "gather_cityscapes", "gather_coco_stuff27",
            "prepare_from_raw"]
 
-DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
 
 
 @dataclass(frozen=True)

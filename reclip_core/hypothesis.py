@@ -207,6 +207,19 @@ def _iter_items(dataset, skip: set) -> Iterator[Tuple[str, Any]]:
         yield str(item["id"]), item["image"]
 
 
+def _resumable(path: Path, names: List[str], settings: Dict[str, Any]) -> Hypotheses:
+    """The hypotheses of an earlier, interrupted pass with the same classes and settings (refused
+    otherwise, and checked: a damaged file is never extended)."""
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    if old.get("class_names") != names or old.get("settings") != settings:
+        what = describe_difference(old.get("settings") or {}, settings) if old.get("settings") != settings \
+            else f"classes {old.get('class_names')} -> {names}"
+        raise StaleFileError(path, f"{path} holds hypotheses computed with other settings, classes or "
+                             f"images ({what}); pass --no-resume (resume=False) to recompute, or delete it.")
+    return check_hypotheses(old.get("hypotheses"), len(names), path)
+
+
 def compute_hypotheses(
     clip: nn.Module,
     dataset,
@@ -247,16 +260,7 @@ def compute_hypotheses(
                                    threshold=threshold, topk=topk, templates=templates, ln_eps=ln_eps,
                                    cls_token=cls_token, tiling=tiling)
     out_path = Path(out_path)
-    done: Hypotheses = {}
-    if out_path.is_file() and resume:
-        with open(out_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("class_names") != names or old.get("settings") != settings:
-            what = describe_difference(old.get("settings") or {}, settings) if old.get("settings") != settings \
-                else f"classes {old.get('class_names')} -> {names}"
-            raise StaleFileError(out_path, f"{out_path} holds hypotheses computed with other settings, classes or "
-                                 f"images ({what}); pass --no-resume (resume=False) to recompute, or delete it.")
-        done = check_hypotheses(old.get("hypotheses"), len(names), out_path)  # never extend a damaged file
+    done = _resumable(out_path, names, settings) if out_path.is_file() and resume else {}
 
     def write():
         atomic_write_json(out_path, {"format": FORMAT, "version": 1, "class_names": names,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .datasets.names import BENCHMARK_NAMES
+
 PROFILES = ("toy", "paper")
-PAPER_DATASETS = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
+PAPER_DATASETS = BENCHMARK_NAMES
 DEFAULT_DATASET = {"toy": "toyworld", "paper": "voc"}
 #: the config a profile runs with; the paper profile uses the dataset's own config (voc.yaml, ...)
 PROFILE_CONFIG = {"toy": "toy"}

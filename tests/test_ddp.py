@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .folder_fixtures import export_toy_folder, folder_overrides
 from .train_fixtures import write_tiny_world_config
 
 
@@ -70,3 +71,26 @@ def test_ddp_two_processes_match_one(tmp_path):
     for k in wa:
         scale = float(wa[k].float().abs().max())
         assert float((wb[k].float() - wa[k].float()).abs().max()) <= 2e-3 * scale + 1e-6, k
+
+
+@pytest.mark.timeout(600)
+def test_ddp_on_a_folder_of_images_matches_one_process(tmp_path):
+    """Your own folder trains under torchrun as the benchmarks do: same losses, same images per step."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    root = export_toy_folder(tmp_path / "imgs", 8, tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    py = [sys.executable, "-m", "reclip_core"]
+    sets = lambda run: [a for kv in folder_overrides(root, run) for a in ("--set", kv)]  # noqa: E731
+    _run(py + ["hypothesis", "--config", "folder", *sets(one), "--quiet"])
+    two.mkdir()
+    shutil.copy(one / "hypotheses.json", two / "hypotheses.json")
+    _run(py + ["train", "--config", "folder", *sets(one), "--quiet"])
+    out = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "reclip_core", "train", "--config",
+                "folder", *sets(two), "--quiet"])
+    assert out.stdout.count("trained 1 epochs") == 1
+    a, b = pd.read_csv(one / "loss.csv"), pd.read_csv(two / "loss.csv")
+    assert len(a) == len(b) == 2  # 8 images / global batch 4
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
+    assert list(a["images"]) == list(b["images"])

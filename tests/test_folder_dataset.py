@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from reclip_core.config import load_config
-from reclip_core.run_inputs import build_dataset, resolve_class_names
 from reclip_core.datasets import get_dataset
-from reclip_core.datasets.folder import FolderImages, FolderSegmentation
 from reclip_core.datasets.class_lists import read_class_file
+from reclip_core.datasets.folder import FolderImages, FolderSegmentation
+from reclip_core.run_inputs import build_dataset, resolve_class_names
 from reclip_core.text import display_name, synonyms, text_embeddings, tokenize
 
-REPO = Path(__file__).resolve().parents[1]
+from .folder_fixtures import export_toy_folder, folder_overrides, repo_env
+
 NAMES = ["red circle", "blue square", "green triangle"]
 
 
@@ -119,6 +119,28 @@ def test_unreadable_images_are_skipped_with_a_count_and_a_list(tmp_path, capsys)
     (tmp_path / "good.png").unlink()
     with pytest.raises(ValueError, match="no readable image.*cut.jpg"):
         get_dataset("folder", "train", root=tmp_path)
+
+
+def test_a_subfolder_that_cannot_be_listed_gives_one_line_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Permissions do not stop root from listing, so the walk's error is raised by hand, as
+    ``os.walk`` reports an unreadable subfolder."""
+    import reclip_core.datasets.folder as folder_mod
+    from reclip_core.cli import main
+
+    _img(tmp_path / "imgs" / "a.png")
+    (tmp_path / "classes.txt").write_text("red circle\nblue square\n")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kw):
+        yield from real_walk(top, onerror=onerror, **kw)
+        onerror(PermissionError(13, "Permission denied", str(Path(top) / "locked")))
+
+    monkeypatch.setattr(folder_mod.os, "walk", walk)
+    code = main(["hypothesis", "--config", "folder", "--set", f"data_root={tmp_path / 'imgs'}", "--set",
+                 f"class_names={tmp_path / 'classes.txt'}", "--set", f"output_dir={tmp_path / 'run'}", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert f"cannot list {tmp_path / 'imgs' / 'locked'} (Permission denied)" in err and "make it readable" in err
 
 
 # --- labels -------------------------------------------------------------------------------------------
@@ -244,37 +266,11 @@ def test_synonyms_average_their_text_features_and_plain_lists_are_unchanged(toy_
 
 
 # --- training never opens a label ----------------------------------------------------------------------------
-def _export(out: Path, n: int, tmp: Path, groups: int = 2) -> Path:
-    """A toy-world folder of ``n`` labelled images from a small preset (generated in ``tmp``)."""
-    from reclip_core.datasets.toyworld import load_preset
-
-    preset = load_preset("biased")
-    preset["name"] = "folderworld"
-    for split, size in (("pretrain", 1), ("train", 1), ("val", n)):
-        preset["splits"][split]["size"] = size
-    (tmp / "preset.yaml").write_text(yaml.safe_dump(preset))
-    cmd = [sys.executable, "-m", "data_prep.export_folder", "--out", str(out), "--n", str(n), "--preset",
-           str(tmp / "preset.yaml"), "--root", str(tmp / "world"), "--groups", str(groups)]
-    done = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _overrides(root: Path, run: Path) -> list:
-    return [f"data_root={root}", f"class_names={root / 'classes.txt'}", "test_size=64", "crop=64",
-            "hypothesis_window=32", "hypothesis_stride=16", "epoch=1", "max_epoch=2", "batch_size=4",
-            "templates=single", "device=cpu", f"output_dir={run}", "log_every=1"]
-
-
 def test_training_never_opens_the_labels_folder(tmp_path, monkeypatch, toy_clip):
     from reclip_core.hypothesis import hypotheses_from_config
     from reclip_core.training import train
 
-    root = _export(tmp_path / "imgs", 8, tmp_path)
+    root = export_toy_folder(tmp_path / "imgs", 8, tmp_path)
     labels = (root / "labels").resolve()
     assert len(list(labels.rglob("*.png"))) == 8
     touched = []
@@ -289,7 +285,7 @@ def test_training_never_opens_the_labels_folder(tmp_path, monkeypatch, toy_clip)
     for mod, name in ((builtins, "open"), (io, "open"), (os, "open"), (os, "scandir"), (os, "listdir"),
                       (Image, "open")):
         monkeypatch.setattr(mod, name, spy(getattr(mod, name)))
-    cfg = load_config("folder", _overrides(root, tmp_path / "run"))
+    cfg = load_config("folder", folder_overrides(root, tmp_path / "run"))
     ds = build_dataset(cfg, "train")
     assert len(ds) == 8 and set(ds[0]) == {"id", "image"}
     assert not any("labels" in str(v) for v in vars(ds).values())  # no label path held
@@ -340,12 +336,12 @@ def test_segment_folder_is_resumable_and_refuses_other_settings(tmp_path, toy_cl
 
 @pytest.mark.timeout(600)
 def test_cli_chain_on_an_exported_folder(tmp_path):
-    root = _export(tmp_path / "imgs", 12, tmp_path)
+    root = export_toy_folder(tmp_path / "imgs", 12, tmp_path)
     run = tmp_path / "run"
-    sets = [a for kv in _overrides(root, run) for a in ("--set", kv)]
+    sets = [a for kv in folder_overrides(root, run) for a in ("--set", kv)]
 
     def cli(*args):
-        done = subprocess.run([sys.executable, "-m", "reclip_core", *args], cwd=tmp_path, env=_env(),
+        done = subprocess.run([sys.executable, "-m", "reclip_core", *args], cwd=tmp_path, env=repo_env(),
                               capture_output=True, text=True)
         assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import reclip_core
 from reclip_core import MaskCLIP, ReCLIP, ReCLIPPP, ReferencePrompt, class_names
 from reclip_core.loss import gumbel_masked_contrastive_loss, gumbel_softmax_hard
+from reclip_core.datasets.names import BENCHMARK_NAMES
 from reclip_core.text import PROMPT_TEMPLATES
 
 ONE_TEMPLATE = ["a photo of a {}."]
@@ -28,7 +29,7 @@ def test_trainable_parameter_counts_match_release(vit_b16, dataset, expected):
 
 
 def test_class_lists_have_release_sizes():
-    sizes = {d: len(class_names(d)) for d in ("voc", "context", "ade", "cityscapes", "coco_stuff27")}
+    sizes = {d: len(class_names(d)) for d in BENCHMARK_NAMES}
     assert sizes == {"voc": 20, "context": 59, "ade": 150, "cityscapes": 19, "coco_stuff27": 27}
     assert len(PROMPT_TEMPLATES) == 85 and len(set(PROMPT_TEMPLATES)) == 85
     assert all("{}" in t for t in PROMPT_TEMPLATES)

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from reclip_core.config import load_config
 from reclip_core.run_inputs import resolve_class_names
 from reclip_core.datasets.class_lists import class_names
+from reclip_core.datasets.names import BENCHMARK_NAMES
 from reclip_core.text import PROMPT_TEMPLATES
 
 from .train_fixtures import NAMES, ImageSet, hypotheses_for, tiny_config
 
-PAPER = ("voc", "context", "ade", "cityscapes", "coco_stuff27")
+PAPER = BENCHMARK_NAMES
 SINGLE = ["a photo of a {}."]
 
 # ------------------------------------------------------------------------------------------------

@@ -112,8 +112,9 @@ def scan_images(root: os.PathLike, exclude: Sequence[os.PathLike] = (), check: b
 
 
 def _walk_error(err: OSError) -> None:
-    raise PermissionError(f"folder: cannot list {err.filename} ({err.strerror}); make it readable or move it "
-                          "out of the image folder.") from err
+    # bad input, as every other fault of the folder (ValueError: the CLI prints it as one line)
+    raise ValueError(f"folder: cannot list {err.filename} ({err.strerror}); make it readable or move it "
+                     "out of the image folder.") from err
 
 
 def _report(root: Path, skipped: List[Tuple[str, str]], total: int) -> None:
