@@ -22,7 +22,7 @@ def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
     if dataset not in valid:
         raise ValueError(f"dataset {dataset!r} is not part of profile {profile!r}; valid: {', '.join(valid)}.")
     if device not in ("auto", "cpu"):  # only these need no torch import (seconds) to be checked
-        from .clip_loading import resolve_device# torch: import time; a typo must fail in under a second
+        from .clip_loading import resolve_device  # torch: import time; a typo must fail in under a second
 
         resolve_device(device)  # raises with a message when e.g. CUDA is requested but absent
     return dataset
