@@ -17,8 +17,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .datasets.names import DATASET_NAMES
 from .options import BIAS_MODES, LOSS_NORMALISATIONS, MODEL_KINDS
 
-#: datasets the readers know (``reclip_core.datasets.get_dataset`` names)
-KNOWN_DATASETS = DATASET_NAMES
 #: what a config's ``profile`` may say: the paper's settings, the toy lab, or anything hand-made
 KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
 HYPOTHESIS_MODES = ("window", "threshold")
@@ -51,7 +49,7 @@ class DataConfig:
     """Which dataset and classes a run reads, and how the readers load them."""
 
     # the reader ``datasets.get_dataset`` builds for every split
-    dataset: str = key(REQUIRED, "dataset reader name", choices=KNOWN_DATASETS)
+    dataset: str = key(REQUIRED, "dataset reader name", choices=DATASET_NAMES)
     # the family of settings the file belongs to (paper benchmark, toy lab, ...); reports name it
     profile: str = key("custom", "which settings these are", choices=KNOWN_PROFILES)
     # the classes text embeddings, PD and metrics use (None: the dataset's own list)
@@ -303,4 +301,4 @@ def default_of(f: Field) -> Any:
 
 __all__ = ("REQUIRED", "key", "DataConfig", "ClipConfig", "ModelConfig", "HypothesisConfig", "OptimisationConfig",
            "EvaluationConfig", "RunConfig", "ConfigGroups", "GROUPS", "group_fields", "accepted_types", "default_of",
-           "KNOWN_DATASETS", "KNOWN_PROFILES")
+           "KNOWN_PROFILES")

@@ -20,8 +20,6 @@ from .toyworld_presets import toyworld_class_names
 CLASS_NAME_DIR = Path(__file__).resolve().parent.parent / "class_names"
 #: the datasets with a shipped class list
 DATASETS = BENCHMARK_NAMES + ("toyworld",)
-#: the project's class lists, or the release's exact strings (the benchmarks only)
-CLASS_NAME_SOURCES = CLASS_NAME_SETS
 
 
 def class_names(dataset: str, source: str = "project") -> List[str]:
@@ -33,8 +31,8 @@ def class_names(dataset: str, source: str = "project") -> List[str]:
     tokenizes the names and the text features encode them, so a released checkpoint only means
     what it was trained for with these strings.
     """
-    if source not in CLASS_NAME_SOURCES:
-        raise ValueError(f"unknown class-name source {source!r}; valid: {', '.join(CLASS_NAME_SOURCES)}.")
+    if source not in CLASS_NAME_SETS:
+        raise ValueError(f"unknown class-name source {source!r}; valid: {', '.join(CLASS_NAME_SETS)}.")
     if dataset == "toyworld" and source == "project":
         return toyworld_class_names()
     folder = CLASS_NAME_DIR if source == "project" else CLASS_NAME_DIR / "release"
@@ -77,4 +75,4 @@ def read_class_file(path: Union[str, os.PathLike]) -> List[str]:
     return validate_class_names(names)
 
 
-__all__ = ("CLASS_NAME_DIR", "CLASS_NAME_SOURCES", "DATASETS", "class_names", "read_class_file")
+__all__ = ("CLASS_NAME_DIR", "DATASETS", "class_names", "read_class_file")
