@@ -15,7 +15,7 @@ RESULTS_DIR = Path(os.environ.get("RECLIP_RESULTS", ROOT / "results"))
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> List[Path]:
-    """The numbered walk-through notebooks 01–05, in order."""
+    """The numbered walk-through notebooks (01_… to 06_…), in order."""
     found = sorted(Path(directory).glob("0[1-9]_*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no numbered notebooks in {directory}; is this a full checkout?")

@@ -1,4 +1,4 @@
-"""`make reproduce`: execute the five notebooks in order with papermill and write a summary.
+"""`make reproduce`: execute the six notebooks in order with papermill and write a summary.
 
     python -m reclip_core.reproduce                       # toy profile, CPU, minutes
     python -m reclip_core.reproduce --profile paper --dataset voc --device cuda
@@ -184,9 +184,10 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
         lines += ["## Notebook run times", "", "| notebook | seconds |", "|---|---:|"]
         lines += [f"| [{name}](notebooks/{name}) | {secs} |" for name, secs in timings.items()]
         lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
+    folders = [f for f in (base / dataset, base / "your_images") if f.is_dir()]  # notebooks 01-05, 06
     for kind, patterns in (("Tables", ("*.md", "*.csv")), ("Figures", ("*.png",))):
-        files = sorted(p for pat in patterns for p in (base / dataset).rglob(pat)
-                       if p.name != "headline.md" and "runs" not in p.relative_to(base / dataset).parts)
+        files = sorted(p for f in folders for pat in patterns for p in f.rglob(pat)
+                       if p.name != "headline.md" and "runs" not in p.relative_to(f).parts)
         if files:
             lines += [f"## {kind}", ""] + [f"- [{p.relative_to(base)}]({p.relative_to(base)})" for p in files] + [""]
     path = base / "summary.md"
