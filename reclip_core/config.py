@@ -181,6 +181,11 @@ def validate(raw: Mapping[str, Any], name: str = "custom") -> Config:
                 raise ValueError(f"config lacks the required key {k!r} ({spec.help}); "
                                  f"copy one of {available_configs()} from {CONFIG_DIR} and edit it.")
             out[k] = copy.deepcopy(spec.default)
+    if out["clip"]["arch"] == "auto":
+        # resolved here, once, so every command and file records the CLIP that was really used
+        from .clip_choice import resolve_auto_clip
+
+        out["clip"]["arch"], out["clip"]["pretrained"] = resolve_auto_clip()
     _check_constraints(out)
     cfg = Config(out)
     cfg.name = name

@@ -28,7 +28,8 @@ from .clip_loading import clip_fingerprint, resolve_device
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .checkpoint_checks import checkpoint_identity, validate_weights
 from .cli_errors import RunStopped
-from .config_schema import RunConfig
+from .config import SCHEMA
+from .config_schema import REQUIRED, RunConfig
 from .datasets.head import Head
 from .distributed import dist_info, process_device, use_global_batchnorm, wrap_ddp
 from .feature_cache import shared_feature_cache
@@ -218,12 +219,31 @@ def _setup(cfg: Mapping[str, Any], run: Path, dataset: Any, hypotheses: Optional
     return _Run(cfg, run, world, rank, device, per_rank, names, model, data, optimizer, fingerprint, identity)
 
 
+def fingerprint_matches(stored: Mapping[str, Any], current: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> bool:
+    """Whether a checkpoint's fingerprint is the same computation as the config's: equal, up to
+    keys that the stored one lacks and the config holds at their default — a key added to the
+    config after the run was written defaults to the computation as it was before it existed."""
+    for k in set(stored) | set(current):
+        spec = schema.get(k)
+        if k in stored and k in current:
+            if isinstance(spec, dict) and isinstance(stored[k], Mapping) and isinstance(current[k], Mapping):
+                if not fingerprint_matches(stored[k], current[k], spec):
+                    return False
+            elif stored[k] != current[k]:
+                return False
+        elif k in stored or spec is None or isinstance(spec, dict) or spec.default is REQUIRED \
+                or current[k] != spec.default:
+            return False
+    return True
+
+
 def _resume(r: _Run, resume: bool) -> None:
     """Continue from the latest checkpoint of the same computation, or refuse a different one."""
     latest = find_checkpoint(r.ckpt_dir) if resume else None
     if latest is not None:
         ck = load_checkpoint(r.ckpt_dir)
-        if ck.state.get("fingerprint") != r.fingerprint or ck.state.get("identity") != r.identity:
+        if not fingerprint_matches(ck.state.get("fingerprint") or {}, r.fingerprint) \
+                or ck.state.get("identity") != r.identity:
             raise StaleFileError(r.dir, f"{r.ckpt_dir} holds a run with a different config (or one written before "
                                  "checkpoints recorded their CLIP weights and templates); use another output_dir "
                                  "or pass resume=False (--no-resume) to start over.")
@@ -358,4 +378,4 @@ def _read_losses(path: Path, up_to_step: int) -> List[Dict[str, Any]]:
     return df[df["step"] <= up_to_step].to_dict("records")
 
 
-__all__ = ("train", "TrainResult", "poly_lr", "config_fingerprint", "NonFiniteLossError", "RESUME_FREE_KEYS")
+__all__ = ("train", "TrainResult", "poly_lr", "config_fingerprint", "fingerprint_matches", "NonFiniteLossError", "RESUME_FREE_KEYS")

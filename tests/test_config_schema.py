@@ -9,7 +9,7 @@ import pytest
 
 from reclip_core import config_schema as S
 from reclip_core.config import SCHEMA, Key, available_configs, load_config, valid_keys, validate
-from reclip_core.training import RESUME_FREE_KEYS, _jsonable, config_fingerprint
+from reclip_core.training import RESUME_FREE_KEYS, _jsonable, config_fingerprint, fingerprint_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 # Checkpoints already written store a fingerprint without exactly these keys: the set must not change.
@@ -86,4 +86,15 @@ def test_committed_toy_runs_keep_their_config_fingerprint():
     for path in _committed_checkpoints():
         state = json.loads(path.read_text(encoding="utf-8"))
         stored = {k: v for k, v in state["fingerprint"].items() if k != "clip_weights"}
-        assert _jsonable(config_fingerprint(validate(state["config"]))) == stored, path
+        assert fingerprint_matches(stored, _jsonable(config_fingerprint(validate(state["config"])))), path
+
+
+def test_a_fingerprint_matches_up_to_new_keys_at_their_default():
+    cfg = _jsonable(config_fingerprint(load_config("toy")))
+    older = {k: v for k, v in cfg.items() if k not in ("loss_normalisation", "hypothesis_tiling")}
+    older["clip"] = {k: v for k, v in cfg["clip"].items() if k != "ln_eps"}
+    assert fingerprint_matches(older, cfg)  # keys added later, at their default: the same computation
+    assert not fingerprint_matches(older, {**cfg, "loss_normalisation": "batch"})  # a new key not at its default
+    assert not fingerprint_matches(older, {**cfg, "clip": {**cfg["clip"], "ln_eps": 1e-6}})
+    assert not fingerprint_matches({**cfg, "lr": 1.0}, cfg)  # a differing key
+    assert not fingerprint_matches(cfg, older)  # a key the config no longer has

@@ -126,3 +126,32 @@ def test_notebook_06_ran_the_whole_chain_on_the_exported_folder():
             assert m.size == (64, 64) and np.array(m).max() < 10
     for figure in ("06_loss.png", "06_overlays.png", "06_bias_map.png"):
         assert (folder / figure).stat().st_size > 1000
+
+
+def _hub_cache(cache: Path, repo_id: str, filename: str) -> Path:
+    """A file in the Hugging Face hub cache layout (``models--org--name/snapshots/<rev>/``), as
+    open_clip's download leaves it."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    path = folder / "snapshots" / ("0" * 40) / filename
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    return path
+
+
+def test_auto_clip_is_the_paper_clip_only_when_its_weights_are_cached(tmp_path, monkeypatch):
+    from open_clip import pretrained as oc_pretrained
+
+    from reclip_core import clip_choice
+    from reclip_core.config import load_config
+
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path))
+    cfg = load_config("folder", ["data_root=x", "class_names=[a, b]"])
+    assert (cfg["clip"]["arch"], cfg["clip"]["pretrained"]) == ("toy", "biased")
+    repo_id = os.path.split(oc_pretrained.get_pretrained_cfg("ViT-B-16-quickgelu", "openai")["hf_hub"])[0]
+    path = _hub_cache(tmp_path / "clip", repo_id, "open_clip_model.safetensors")
+    assert clip_choice.cached_weights("ViT-B-16-quickgelu", "openai") == path
+    cfg = load_config("folder", ["data_root=x", "class_names=[a, b]"])
+    assert (cfg["clip"]["arch"], cfg["clip"]["pretrained"]) == ("ViT-B-16-quickgelu", "openai")
+    assert load_config("folder", ["clip.arch=toy", "data_root=x", "class_names=[a]"])["clip"]["arch"] == "toy"
