@@ -1,10 +1,10 @@
 """Our paths: the library's own public code, called the way the CLI and notebooks call it (the
 "ours" column of the benchmark table).
 
-- evaluation: the loop body of :func:`reclip_core.evaluation.evaluate` (:func:`ours_eval_image`,
-  tested equal to ``evaluate``) — ``ReCLIPPP`` in eval mode under ``no_grad`` computes the
-  Reference features and the bias map once per input size, and the predictions stream into
-  ``SegMetric`` (no per-image files);
+- evaluation: the loop body of :func:`reclip_core.evaluation.evaluate` (:func:`ours_eval_image`
+  runs its ``Scorer``, tested equal to ``evaluate``) — ``ReCLIPPP`` in eval mode under ``no_grad``
+  computes the Reference features and the bias map once per input size, each head asked for is
+  upsampled once, and the predictions stream into ``SegMetric`` (no per-image files);
 - hypotheses: :func:`reclip_core.hypothesis.window_vote` — windows packed into batched CLIP
   forwards;
 - training: the training loop's step (:func:`reclip_core.training._step`: one forward of a
@@ -14,11 +14,13 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+import contextlib
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import default_collate
 
+from reclip_core.eval_scoring import Scorer, eval_item
 from reclip_core.evaluation import EvalReport, evaluate
 from reclip_core.hypothesis import window_vote
 from reclip_core.feature_cache import build_feature_cache
@@ -44,45 +46,45 @@ def ours_evaluate(model, dataset, test_size: int, pd_threshold: float,
                   on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> EvalReport:
     """The library's evaluation of the ReCLIP++ head (PD on and off). ``on_forward("start"|"end",
     tensor)`` is called around each model forward through module hooks (for timing)."""
+    with _forward_hooks(model, on_forward):
+        return evaluate(model, dataset, test_size, pd_threshold, heads=["reclip++"], progress=False)
+
+
+def ours_scorer(model, pd_threshold: float, heads: Optional[Sequence[str]] = ("reclip++",),
+                pd_variants: Sequence[str] = ("no_pd", "pd")) -> Scorer:
+    """The library's per-forward scoring (:class:`reclip_core.eval_scoring.Scorer`, what
+    :func:`reclip_core.evaluation.evaluate` runs per batch) for ``heads`` (None: every head of the
+    model, as ``evaluate_run``) and ``pd_variants``; its metrics: ``scorer.metrics[head][variant]``."""
+    return Scorer(model, None if heads is None else list(heads), pd_rule=(pd_threshold, 10.0),
+                  model_pd=getattr(model, "pd_rule", None), pd_variants=pd_variants)
+
+
+@contextlib.contextmanager
+def _forward_hooks(model, on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]]):
+    """``on_forward("start"|"end", tensor)`` around each forward of ``model`` (for timing)."""
     handles = []
     if on_forward is not None:
         handles.append(model.register_forward_pre_hook(lambda m, a, k: on_forward("start", None), with_kwargs=True))
         handles.append(model.register_forward_hook(lambda m, a, k, out: on_forward("end", out["logits"]),
                                                    with_kwargs=True))
     try:
-        return evaluate(model, dataset, test_size, pd_threshold, heads=["reclip++"], progress=False)
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
 @torch.no_grad()
-def ours_eval_image(model, item: dict, test_size: int, pd_threshold: float, metrics: Dict[str, "SegMetric"],
+def ours_eval_image(scorer: Scorer, item: dict, test_size: int,
                     on_forward: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> None:
-    """One image exactly as the loop body of :func:`reclip_core.evaluation.evaluate` for the
-    ReCLIP++ head: test-size resize, the model forward (bias cached per input size), PD off and on,
-    the library's upsampling, argmax, streaming metrics (``metrics["no_pd"]``, ``metrics["pd"]``).
-    Timing needs images one at a time (``evaluate`` re-enters eval mode, which drops the cache,
-    once per call); tests check it equals ``evaluate``."""
-    import numpy as np
-
-    from reclip_core.evaluation import upsample_logits
-    from reclip_core.rectify import presence_filter
-    from reclip_core.transforms import eval_preprocess
-
-    patch = model.clip.visual.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    label = np.asarray(item["label"])
-    x = eval_preprocess(item["image"], test_size).to(model.clip.visual.conv1.weight.device)
-    if on_forward:
-        on_forward("start", x)
-    logits = model(images=x)["logits"]
-    if on_forward:
-        on_forward("end", logits)
-    label_t = torch.from_numpy(label.astype(np.int64))
-    for tag, lg in (("no_pd", logits), ("pd", presence_filter(logits, pd_threshold))):
-        up = upsample_logits(lg, patch, tuple(x.shape[-2:]), tuple(label.shape[-2:]))
-        metrics[tag].update(up.argmax(dim=1)[0].cpu(), label_t)
+    """One image exactly as :func:`reclip_core.evaluation.evaluate` handles it (batch size 1):
+    the library's test-size resize and label check (``eval_item``), then ``scorer.score`` — the
+    model forward (bias cached per input size), each head's upsampling to the label size, the
+    argmax with and without PD, the streaming metrics. Timing needs images one at a time
+    (``evaluate`` re-enters eval mode, which drops the cache, once per call); tests check it
+    equals ``evaluate``."""
+    with _forward_hooks(scorer.model, on_forward):
+        scorer.score([eval_item(item, 0, test_size)])
 
 
 def _batches(data, batch_size: int):
@@ -111,5 +113,5 @@ def ours_feature_cache(model, views: TrainViews, batch_size: int, device: torch.
     return cache
 
 
-__all__ = ("window_geometry", "ours_hypothesis", "ours_evaluate", "ours_eval_image", "ours_train_epoch", "ours_train_first_step",
+__all__ = ("window_geometry", "ours_hypothesis", "ours_evaluate", "ours_scorer", "ours_eval_image", "ours_train_epoch", "ours_train_first_step",
            "ours_feature_cache")

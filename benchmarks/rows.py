@@ -21,8 +21,8 @@ from reclip_core.model import ReCLIPPP
 from reclip_core.text import text_embeddings
 
 from . import harness
-from .ours import (ours_eval_image, ours_feature_cache, ours_hypothesis, ours_train_epoch, ours_train_first_step,
-                   window_geometry)
+from .ours import (ours_eval_image, ours_feature_cache, ours_hypothesis, ours_scorer, ours_train_epoch,
+                   ours_train_first_step, window_geometry)
 from .release_style import release_eval_image, release_hypothesis, release_train_epoch, release_train_step
 
 HERE = Path(__file__).resolve().parent
@@ -121,10 +121,11 @@ class EvalSetup(RowSetup):
     """``1 + repeats`` labelled images of the original size ``cfg["image"]`` (resized to the test
     size inside). Image 0 is the warm-up (ours computes its bias map there, once per input size;
     it runs every operation of the release-style forward too); images 1.. are the timed rounds,
-    both paths on the same image in turn. One model: the release-style path never touches our
-    cache."""
+    every path on the same image in turn. One model: the release-style path never touches our
+    cache. Two of ours: ``ours`` scores what the release scores (the ReCLIP++ head with PD),
+    ``ours_all`` what ``evaluate_run`` scores (every head, PD off and on)."""
 
-    paths = ("ours", "release")
+    paths = ("ours", "ours_all", "release")
 
     def __init__(self, clip, cfg: dict, device: torch.device, text: torch.Tensor, n_timed: int):
         self.clip, self.cfg, self.device = clip, cfg, device
@@ -139,10 +140,11 @@ class EvalSetup(RowSetup):
             label[torch.rand(label.shape, generator=g) < 0.05] = 255
             self.dataset.append({"id": f"img{i:05d}", "image": image, "label": label.numpy()})
         self.sync = harness.make_sync(device)
-        self.metrics = {"ours": {"no_pd": SegMetric(self.C), "pd": SegMetric(self.C)},
-                        "release": SegMetric(self.C)}
+        self.scorers = {"ours": ours_scorer(self.model, cfg["pd"], pd_variants=("pd",)),
+                        "ours_all": ours_scorer(self.model, cfg["pd"], heads=None)}
+        self.metrics = {"release": SegMetric(self.C)}
         self._tmp = tempfile.TemporaryDirectory(prefix="bench_preds_")
-        self._next = {"ours": 0, "release": 0}
+        self._next = {"ours": 0, "ours_all": 0, "release": 0}
         self._first: Dict[str, torch.Tensor] = {}
         self._events: List[tuple] = []
         self.roofline: List[dict] = []
@@ -163,8 +165,9 @@ class EvalSetup(RowSetup):
             self._next[path] = 1
             return
         self.first_image[path] = self.run(path)
-        for m in self.metrics["ours"].values():  # compare both paths over the timed images only
-            m.reset()
+        for by_tag in self.scorers[path].metrics.values():  # compare the paths over the timed images only
+            for m in by_tag.values():
+                m.reset()
 
     def prepare(self, path: str) -> None:
         if path == "ours":
@@ -180,9 +183,8 @@ class EvalSetup(RowSetup):
         mm, self._mm = (self._mm, None) if i > 0 else (None, None)
         self._events = []
         t0 = time.perf_counter()
-        if path == "ours":
-            ours_eval_image(self.model, item, self.cfg["test_size"], self.cfg["pd"], self.metrics["ours"],
-                            lambda e, t: self._on_forward(path, e, t))
+        if path != "release":
+            ours_eval_image(self.scorers[path], item, self.cfg["test_size"], lambda e, t: self._on_forward(path, e, t))
         else:
             release_eval_image(self.model, item, self.cfg["test_size"], self.cfg["pd"], Path(self._tmp.name),
                                self.metrics["release"], lambda e, t: self._on_forward(path, e, t))
@@ -194,7 +196,7 @@ class EvalSetup(RowSetup):
         return {"forward": e - s, "step": step}
 
     def output(self, path: str):
-        cm = self.metrics["ours"]["pd"] if path == "ours" else self.metrics["release"]
+        cm = self.metrics["release"] if path == "release" else self.scorers[path].metrics["reclip++"]["pd"]
         return {"logits": self._first.get(path), "confusion": torch.from_numpy(cm.confusion.copy())}
 
     def extra(self, path: str) -> Dict[str, object]:
@@ -209,7 +211,7 @@ class EvalSetup(RowSetup):
             out["roofline"] = self.roofline
             out["matmul_dtype"] = "bf16" if self.cfg.get("amp") == "bf16" else "fp32"
             out["ideal_ratio"] = harness.ideal_eval_ratio(self.clip, h, w, self.C)
-        else:
+        elif path == "release":
             out["prediction_files"] = len(list(Path(self._tmp.name).iterdir()))
         return out
 

@@ -5,7 +5,7 @@ key's default (:data:`REQUIRED`: the file must set it), and its ``metadata`` hol
 and the accepted values. ``reclip_core.config`` derives its validation table from these classes; a
 config file stays one flat mapping (only ``clip`` nests), and :class:`ConfigGroups` is its typed view.
 :class:`RunConfig` holds the keys a resumed run may change; every other key is part of the checkpoint
-fingerprint (``training.config_fingerprint``).
+fingerprint (``provenance.config_fingerprint``).
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ class ClipConfig:
     """The frozen CLIP: the ``clip:`` mapping of a config file."""
 
     # an open_clip model name, the toy CLIP, or a model-config file
-    arch: str = key("ViT-B-16-quickgelu", "open_clip architecture, 'toy', or a model-config .json")
+    arch: str = key("ViT-B-16-quickgelu", "open_clip architecture, 'toy', a model-config .json, or 'auto' (the "
+                    "paper's CLIP when its weights are cached, else the toy CLIP; sets pretrained too)")
     # the weights loaded into it (None: a seeded random CLIP)
     pretrained: Optional[str] = key("openai", "weights tag or file (None: random)")
     # a release option of the visual encoder (None: open_clip's eps)
@@ -103,6 +104,10 @@ class ModelConfig:
     bias_mode: str = key("both", "ReCLIP++ bias ablation", choices=BIAS_MODES)
     # prompt templates averaged into each class's text embedding
     templates: Union[str, List[str]] = key("all", "'all' (85 templates), 'single' ('a photo of a {}.') or a list")
+    # a release option: where the Reference prompt's text-encoder output is read
+    reference_slot: str = key(
+        "eot", "Reference prompt read-out: 'eot' (the end-of-text slot, else the last name slot) or 'release' "
+        "(the argmax of the 3 name token ids: a word token for names of 3+ tokens)", choices=("eot", "release"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +129,10 @@ class HypothesisConfig:
     hypothesis_clip: str = key(
         "model", "CLIP of the hypotheses: 'model' (with clip.ln_eps / clip.cls_token) or 'plain' (CLIP's own "
         "eps and class embedding, as the release)", choices=HYPOTHESIS_CLIPS)
+    # a release option: how a window is resized to the CLIP input
+    hypothesis_resize: str = key(
+        "torch", "window resize: 'torch' (bicubic + antialias on float tensors) or 'release' (PIL bicubic on the "
+        "uint8 window, CLIP's own preprocessing)", choices=("torch", "release"))
     # threshold mode: an image's classes are those scoring above this
     hypothesis_threshold: float = key(23.0, "ReCLIP: whole-image score (100*cos) threshold")
     # threshold mode: the fallback when no class passes
@@ -198,11 +207,20 @@ class EvaluationConfig:
     # a release option: a ReCLIP model's PD temperature
     reclip_pd_scale: Optional[float] = key(
         None, "PD softmax scale of a ReCLIP model's own head (release: 100; None: pd_scale)")
+    # a release option: how the token-grid logits reach the label size
+    eval_upsampling: str = key(
+        "crop", "'crop' (bilinear to the padded input, crop the padding, bilinear to the label) or 'release' "
+        "(the padded grid bilinear straight to the unpadded input size, then to the label)",
+        choices=("crop", "release"))
+    # a release option: how evaluation images are resized to the test size
+    test_resize: str = key(
+        "torch", "'torch' (bilinear with antialiasing) or 'release' (OpenCV-style bilinear on the 8-bit image, "
+        "no antialiasing)", choices=("torch", "release"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """How and where this run executes; may change when a run is resumed (``training.RESUME_FREE_KEYS``).
+    """How and where this run executes; may change when a run is resumed (``provenance.RESUME_FREE_KEYS``).
 
     None of these changes the trained weights, so a checkpoint's fingerprint leaves them out:
     ``epoch`` only says when to stop (the schedule runs against ``max_epoch``, so a finished run can be

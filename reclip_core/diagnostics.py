@@ -73,8 +73,9 @@ def token_labels(label: np.ndarray, input_hw: Tuple[int, int], patch: int, num_c
 
 def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence[int]], test_size: int,
                     score_scales: Sequence[float] = (100.0,), max_long_side: int = 2048,
-                    max_images: Optional[int] = None, ignore_index: int = 255) -> pd.DataFrame:
+                    max_images: Optional[int] = None, ignore_index: int = 255, resize: str = "torch") -> pd.DataFrame:
     """Which hard segmentation does the training loss prefer? A diagnostic of the loss, not a score.
+    ``resize``: the config's ``test_resize`` (the input evaluation sees).
 
     For each labelled image, with its hypotheses (computed on this split, label-free), the loss of
     method.md §3 is evaluated on fixed one-hot masks at the token grid (no Gumbel noise):
@@ -106,7 +107,7 @@ def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence
             hyp = [int(c) for c in hypotheses[str(item["id"])]]
             if not hyp:
                 continue
-            x = eval_preprocess(item["image"], test_size, max_long_side).to(device)
+            x = eval_preprocess(item["image"], test_size, max_long_side, resize=resize).to(device)
             out = model(images=x)
             feat, mc = out["feat"], out["clip_logits"][0]
             tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)

@@ -37,10 +37,10 @@ class EvalReport:
         for head, by_pd in self.metrics.items():
             row = {"model": head}
             for tag in ("no_pd", "pd"):
-                m = by_pd[tag]
-                row[f"mIoU_{tag}"] = m.miou()
-                row[f"mIoU_release_{tag}"] = m.miou_release()
-                row[f"aAcc_{tag}"] = m.pixel_accuracy()
+                m = by_pd.get(tag)  # a PD setting not evaluated (``evaluate(..., pd_variants=...)``): NaN
+                row[f"mIoU_{tag}"] = m.miou() if m is not None else math.nan
+                row[f"mIoU_release_{tag}"] = m.miou_release() if m is not None else math.nan
+                row[f"aAcc_{tag}"] = m.pixel_accuracy() if m is not None else math.nan
             rows.append(row)
         return DataFrame(rows)
 
@@ -83,9 +83,15 @@ class EvalReport:
         lines = [f"{'model':<10} {'mIoU':>7} {'mIoU+PD':>8} {'rel.mIoU':>9} {'rel.+PD':>8}   ({self.images} images, "
                  f"PD threshold {self.pd_threshold})"]
         for head, by_pd in self.metrics.items():
-            a, b = by_pd["no_pd"], by_pd["pd"]
-            lines.append(f"{head:<10} {a.miou():7.2f} {b.miou():8.2f} {a.miou_release():9.2f} {b.miou_release():8.2f}")
+            a, b = by_pd.get("no_pd"), by_pd.get("pd")
+            lines.append(f"{head:<10} {_num(a, 'miou', 7)} {_num(b, 'miou', 8)} {_num(a, 'miou_release', 9)} "
+                         f"{_num(b, 'miou_release', 8)}")
         return "\n".join(lines)
+
+
+def _num(metric: Any, score: str, width: int) -> str:
+    """A score of the text table, or "-" for a PD setting that was not evaluated."""
+    return f"{getattr(metric, score)():{width}.2f}" if metric is not None else f"{'-':>{width}}"
 
 
 __all__ = ("EvalReport",)

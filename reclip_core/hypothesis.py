@@ -52,6 +52,7 @@ def window_vote(
     ln_eps: Optional[float] = None,
     cls_token: Any = None,
     tiling: str = "fit",
+    resize: str = "torch",
 ) -> Iterator[Tuple[str, List[int]]]:
     """ReCLIP++ hypotheses: yields ``(id, sorted class indices)`` per image, in input order.
 
@@ -59,7 +60,8 @@ def window_vote(
     so memory is bounded however many windows an image has. ``input_size`` defaults to the CLIP's
     own pretraining size (224 for ViT-B/16, the toy CLIP's 64). ``tiling`` chooses the window grid
     (``transforms.window_boxes``: "fit" or the release's "release", where an image no larger than
-    the window has no window and an empty hypothesis).
+    the window has no window and an empty hypothesis). ``resize`` chooses how a window becomes the
+    CLIP input (``transforms.crop_windows``: "torch", or "release", PIL's bicubic on the uint8 window).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -78,7 +80,8 @@ def window_vote(
         groups: Dict[int, List[int]] = {}
         for j, (slot, _, _) in enumerate(chunk):
             groups.setdefault(slot, []).append(j)
-        tensors = [crop_windows(chunk[js[0]][1], [chunk[j][2] for j in js], window, size) for js in groups.values()]
+        tensors = [crop_windows(chunk[js[0]][1], [chunk[j][2] for j in js], window, size, resize)
+                   for js in groups.values()]
         batch = torch.cat(tensors).to(device)
         emb = encode_image_cls(clip, batch, ln_eps=ln_eps, cls_token=cls_token)
         top1 = (emb.float() @ text.float().t()).argmax(dim=1).tolist()
@@ -237,6 +240,7 @@ def compute_hypotheses(
     ln_eps: Optional[float] = None,
     cls_token: Any = None,
     tiling: str = "fit",
+    resize: str = "torch",
     resume: bool = True,
     save_every: int = 500,
     progress: bool = True,
@@ -258,7 +262,7 @@ def compute_hypotheses(
     size = input_size or clip_input_size(clip)
     settings = hypothesis_settings(clip, dataset, mode=mode, window=window, stride=stride, input_size=size,
                                    threshold=threshold, topk=topk, templates=templates, ln_eps=ln_eps,
-                                   cls_token=cls_token, tiling=tiling)
+                                   cls_token=cls_token, tiling=tiling, resize=resize)
     out_path = Path(out_path)
     done = _resumable(out_path, names, settings) if out_path.is_file() and resume else {}
 
@@ -270,7 +274,7 @@ def compute_hypotheses(
     subset = dataset if max_images is None else Head(dataset, n_total)
     items = _iter_items(subset, set(done))
     if mode == "window":
-        stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token, tiling)
+        stream = window_vote(clip, items, text, window, stride, size, batch_size, ln_eps, cls_token, tiling, resize)
     else:
         stream = threshold_topk(clip, items, text, threshold, topk, size, batch_size, ln_eps, cls_token)
     bar = tqdm(total=n_total, initial=min(len(done), n_total), desc=f"hypotheses ({mode})",

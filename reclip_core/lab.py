@@ -148,7 +148,8 @@ class Lab:
         scales = list(score_scales or dict.fromkeys([100.0, float(getattr(model, "score_scale", 100.0))]))
         t0 = time.perf_counter()
         table = diagnostics.loss_preference(model, self.val, self.val_hypotheses(), self.cfg["test_size"], scales,
-                                            self.cfg["max_long_side"], max_images=self.cfg["max_val_images"])
+                                            self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
+                                            resize=self.cfg["test_resize"])
         self.timings["loss preference"] = round(time.perf_counter() - t0, 1)
         return table
 
@@ -192,7 +193,8 @@ class Lab:
         t0 = time.perf_counter()
         report = evaluation.evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"],
                                      self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
-                                     progress=progress, bias_grid=bias_grid, examples=examples)
+                                     progress=progress, bias_grid=bias_grid, examples=examples,
+                                     upsampling=self.cfg["eval_upsampling"], resize=self.cfg["test_resize"])
         self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 

@@ -128,12 +128,14 @@ class ReCLIPPP(_CLIPSegmenter):
     position-independent vector in place of ``pe_feat``: class bias only), ``"space"`` (the frozen
     class texts in place of ``ref``: a class-specific space bias without the Reference prompt).
     ``use_decoder=False`` gives the rectification-only model (logits = rectified).
+    ``reference_slot`` says where the Reference prompt's output is read (``ReferencePrompt``'s
+    ``read_slot``: ``"eot"``, or the release's ``"release"``).
     """
 
     gumbel_scale = 100.0
 
     def __init__(self, clip: nn.Module, names: Sequence[str], *, use_decoder: bool = True, bias_mode: str = "both",
-                 **common: Any):
+                 reference_slot: str = "eot", **common: Any):
         # ``common``: the keyword arguments every segmenter takes (templates, text, ln_eps, cls_token)
         super().__init__(clip, names, **common)
         if bias_mode not in BIAS_MODES:
@@ -141,7 +143,7 @@ class ReCLIPPP(_CLIPSegmenter):
         self.bias_mode = bias_mode
         self.use_decoder = use_decoder
         if bias_mode in ("both", "class"):
-            self.reference = ReferencePrompt(clip, self.class_names)
+            self.reference = ReferencePrompt(clip, self.class_names, read_slot=reference_slot)
         if bias_mode in ("both", "space"):
             self.positional = PositionalBias(clip)
         if bias_mode == "class":
@@ -212,13 +214,13 @@ class ReCLIP(ReCLIPPP):
 
     gumbel_scale = 1000.0
 
-    def __init__(self, clip: nn.Module, names: Sequence[str], **common: Any):
+    def __init__(self, clip: nn.Module, names: Sequence[str], *, reference_slot: str = "eot", **common: Any):
         # ``common`` as for every segmenter (templates, text, ln_eps, cls_token); the ReCLIP++ heads
         # are not built: ReCLIP has its own bias model and no decoder.
         _CLIPSegmenter.__init__(self, clip, names, **common)
         self.bias_mode = "reclip"
         self.use_decoder = False
-        self.reference = ReferencePrompt(clip, self.class_names)
+        self.reference = ReferencePrompt(clip, self.class_names, read_slot=reference_slot)
         width, C = visual_width(clip), self.num_classes
         layers, chans = [], [width, 512, 256, C]
         for cin, cout in zip(chans[:-1], chans[1:]):

@@ -28,10 +28,12 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
     names, templates = resolve_class_names(cfg), resolve_templates(cfg)
     common = dict(templates=templates, ln_eps=cfg["clip"]["ln_eps"], cls_token=cfg["clip"]["cls_token"])
     kind = kind or cfg["model"]
+    slot = cfg.get("reference_slot", "eot")  # where the Reference prompt is read (a release option)
     if kind == "reclip++":
-        model = ReCLIPPP(clip, names, use_decoder=cfg["use_decoder"], bias_mode=cfg["bias_mode"], **common)
+        model = ReCLIPPP(clip, names, use_decoder=cfg["use_decoder"], bias_mode=cfg["bias_mode"],
+                         reference_slot=slot, **common)
     elif kind == "reclip":
-        model = ReCLIP(clip, names, **common)
+        model = ReCLIP(clip, names, reference_slot=slot, **common)
     elif kind == "maskclip":
         model = MaskCLIP(clip, names, **common)
     else:

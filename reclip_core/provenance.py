@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .atomic_io import StaleFileError
+from .config import SCHEMA
+from .config_schema import REQUIRED, RunConfig
 from .clip_loading import clip_fingerprint
 from .run_inputs import resolve_templates
 from .datasets.head import Head
@@ -82,7 +85,7 @@ def dataset_identity(dataset: Any) -> Dict[str, Any]:
 
 def hypothesis_settings(clip: nn.Module, dataset: Any, *, mode: str, window: int, stride: Optional[int],
                         input_size: Optional[int], threshold: float, topk: int, templates: Sequence[str],
-                        ln_eps: Optional[float], cls_token: Any, tiling: str) -> Dict[str, Any]:
+                        ln_eps: Optional[float], cls_token: Any, tiling: str, resize: str = "torch") -> Dict[str, Any]:
     """Everything a hypotheses file's contents depend on besides its class list (which it records
     separately): mode and its parameters, the CLIP weights and input size, templates and the images."""
     stride = stride or max(1, window // 2)
@@ -94,6 +97,8 @@ def hypothesis_settings(clip: nn.Module, dataset: Any, *, mode: str, window: int
         settings.update(window=int(window), stride=int(stride))
         if tiling != "fit":  # files of the default grid keep the settings they always had
             settings["tiling"] = tiling
+        if resize != "torch":  # likewise for the default window resize
+            settings["resize"] = resize
     else:
         settings.update(threshold=float(threshold), topk=int(topk))
     settings["dataset"] = dataset_identity(dataset)
@@ -109,7 +114,7 @@ def config_hypothesis_kwargs(cfg: Mapping[str, Any]) -> Dict[str, Any]:
             "topk": cfg["hypothesis_topk"], "templates": resolve_templates(cfg),
             "ln_eps": None if plain else cfg["clip"]["ln_eps"],
             "cls_token": None if plain else cfg["clip"]["cls_token"],
-            "tiling": cfg.get("hypothesis_tiling", "fit")}
+            "tiling": cfg.get("hypothesis_tiling", "fit"), "resize": cfg.get("hypothesis_resize", "torch")}
 
 
 def describe_difference(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
@@ -143,8 +148,40 @@ def check_hypothesis_file(path: Union[str, os.PathLike], cfg: Mapping[str, Any],
                              "`python -m reclip_core hypothesis --config ... --no-resume`, or delete it.")
 
 
+#: keys that may change between a run and its resumption without changing what is computed (``RunConfig``)
+RESUME_FREE_KEYS = tuple(f.name for f in fields(RunConfig))
+
+
+def config_fingerprint(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """The part of a config that must match for a resumed run to continue the same computation,
+    plus the frozen CLIP's weight digest (the config names the weights, e.g. ``pretrained: biased``,
+    but retrained weights under the same name are another computation)."""
+    fp = {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS}
+    if clip is not None:
+        fp["clip_weights"] = clip_fingerprint(clip)
+    return fp
+
+
+def fingerprint_matches(stored: Mapping[str, Any], current: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> bool:
+    """Whether a checkpoint's fingerprint is the same computation as the config's: equal, up to
+    keys that the stored one lacks and the config holds at their default — a key added to the
+    config after the run was written defaults to the computation as it was before it existed."""
+    for k in set(stored) | set(current):
+        spec = schema.get(k)
+        if k in stored and k in current:
+            if isinstance(spec, dict) and isinstance(stored[k], Mapping) and isinstance(current[k], Mapping):
+                if not fingerprint_matches(stored[k], current[k], spec):
+                    return False
+            elif stored[k] != current[k]:
+                return False
+        elif k in stored or spec is None or isinstance(spec, dict) or spec.default is REQUIRED \
+                or current[k] != spec.default:
+            return False
+    return True
+
+
 __all__ = ("dataset_identity", "hypothesis_settings", "config_hypothesis_kwargs", "check_hypothesis_file",
-           "describe_difference")
+           "describe_difference", "RESUME_FREE_KEYS", "config_fingerprint", "fingerprint_matches")
 
 
 def feature_cache_key(model: nn.Module, views: Any, n_views: int) -> str:

@@ -10,6 +10,8 @@ from torch import nn
 from .text import display_name, tokenize, validate_class_names
 
 NAME_SLOTS = 3  # the first 3 tokens of the class name after start-of-text
+#: where the output is read: the end-of-text slot (the project) or the argmax of the name ids (the release)
+READ_SLOTS = ("eot", "release")
 
 
 class ReferencePrompt(nn.Module):
@@ -17,14 +19,19 @@ class ReferencePrompt(nn.Module):
     text encoder together with each class name → ``ref`` [C, D] under one global norm.
 
     Text-encoder input for class c: [start-of-text] + learnable tokens + 3 slots with the first 3
-    tokens of the tokenized name (so end-of-text/padding fill the slots of short names). The output
-    is read at the end-of-text slot, or at the last slot for names of 3+ tokens (the release's
-    argmax lands on a word token there; documented deviation).
+    tokens of the tokenized name (so end-of-text/padding fill the slots of short names). Where the
+    output is read (``read_slot``, a release option, docs/deviations.md): ``"eot"`` at the
+    end-of-text slot, or at the last slot for names of 3+ tokens; ``"release"`` at the argmax of the
+    3 name token ids, as the release does. End-of-text is the largest id, so both agree on names of
+    fewer than 3 tokens; on longer names the release reads the slot of the largest word id.
     """
 
-    def __init__(self, clip: nn.Module, names: Sequence[str]):
+    def __init__(self, clip: nn.Module, names: Sequence[str], read_slot: str = "eot"):
         super().__init__()
         names = validate_class_names(names)
+        if read_slot not in READ_SLOTS:
+            raise ValueError(f"read_slot must be one of {READ_SLOTS}, got {read_slot!r}.")
+        self.read_slot = read_slot
         # A plain attribute, not a submodule: the frozen CLIP belongs to the owning model and must
         # not be saved or counted twice.
         self.__dict__["clip"] = clip
@@ -35,9 +42,12 @@ class ReferencePrompt(nn.Module):
         # a class with synonyms ('person, people') fills its name slots with its first name only
         ids = tokenize(clip, [display_name(n) for n in names])
         name_ids = ids[:, 1:1 + NAME_SLOTS].clone()
-        is_eot = name_ids == tok.eot_token_id
-        last = torch.full((len(names),), NAME_SLOTS - 1, dtype=torch.long)
-        slot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1).long(), last)
+        if read_slot == "release":
+            slot = name_ids.argmax(dim=1)  # the first of equal ids, as torch's argmax in the release
+        else:
+            is_eot = name_ids == tok.eot_token_id
+            last = torch.full((len(names),), NAME_SLOTS - 1, dtype=torch.long)
+            slot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1).long(), last)
         self.register_buffer("name_ids", name_ids, persistent=False)
         self.register_buffer("read_index", 1 + self.n_ctx + slot.long(), persistent=False)
         self.register_buffer("sot_id", torch.tensor([tok.sot_token_id]), persistent=False)

@@ -20,7 +20,7 @@ from .clip_loading import load_clip, resolve_device
 from .checkpoint import find_checkpoint, load_model_weights
 from .cli_errors import not_a_file
 from .config import validate
-from .evaluation import upsample_logits
+from .eval_scoring import patch_size, upsample_logits
 from .model import MaskCLIP, ReCLIPPP
 from .model_factory import build_model
 from .palette import class_colours
@@ -80,29 +80,39 @@ def _load_for_checkpoint(checkpoint: Union[str, os.PathLike], class_names: Seque
         cfg = validate(state["config"])
         model = build_model(cfg, clip=clip, device=device)
         load_model_weights(model, latest, allow_legacy=allow_legacy)
+        # the run's evaluation options travel with the model, so every caller of predict_mask
+        # (this module, the folder command) segments as the run is evaluated
+        model.eval_upsampling, model.test_resize = cfg["eval_upsampling"], cfg["test_resize"]
         return model, cfg["model"], cfg["test_size"]
     # a bare .safetensors / the authors' best_weight.pth: the paper's backbone unless one is given
     clip = clip if clip is not None else load_clip(device=device)
-    model = ReCLIPPP(clip, class_names)
+    release = Path(checkpoint).suffix != ".safetensors"  # the authors' file: trained and tested the release's way
+    model = ReCLIPPP(clip, class_names, reference_slot="release" if release else "eot")
     load_model_weights(model, checkpoint, allow_legacy=allow_legacy)
+    if release:
+        model.eval_upsampling, model.test_resize = "release", "release"
     return model.to(device), "reclip++", None
 
 
 @torch.no_grad()
 def predict_mask(model: nn.Module, image: ImageLike, test_size: Optional[int], pd_threshold: Optional[float],
-                 device: Any) -> np.ndarray:
+                 device: Any, upsampling: Optional[str] = None, resize: Optional[str] = None) -> np.ndarray:
     """One image through an eval-mode segmenter → int64 class map [H, W] of the image's size.
 
-    ``test_size`` (short side) None: the image's own short side, at most 448. Shared by
-    :func:`segment` and the folder command (``segment_folder``), so both give the same masks."""
+    ``test_size`` (short side) None: the image's own short side, at most 448. ``upsampling`` /
+    ``resize``: the config options ``eval_upsampling`` / ``test_resize`` (None: the model's, which a
+    checkpoint's config sets, else the project's ``crop`` / ``torch``). Shared by :func:`segment`
+    and the folder command (``segment_folder``), so both give the same masks."""
+    upsampling = upsampling or getattr(model, "eval_upsampling", "crop")
+    resize = resize or getattr(model, "test_resize", "torch")
     h, w = to_image_tensor(image).shape[-2:]
     size = test_size or min(h, w, 448)
-    x = eval_preprocess(image, size).to(device)
+    x = eval_preprocess(image, size, resize=resize).to(device)
     logits = model(images=x)["logits"]
     if pd_threshold is not None:
-        logits = presence_filter(logits, pd_threshold)
-    ps = model.clip.visual.patch_size
-    up = upsample_logits(logits, int(ps[0] if isinstance(ps, (tuple, list)) else ps), tuple(x.shape[-2:]), (h, w))
+        # a ReCLIP model's logits live on another scale: its own rule's softmax scale (the release's 100)
+        logits = presence_filter(logits, pd_threshold, scale=getattr(model, "pd_rule", (None, 10.0))[1])
+    up = upsample_logits(logits, patch_size(model), tuple(x.shape[-2:]), (h, w), mode=upsampling)
     return up.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
 
 

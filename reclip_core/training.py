@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,25 +24,20 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from .atomic_io import StaleFileError, atomic_write_csv, atomic_write_json
-from .clip_loading import clip_fingerprint, resolve_device
+from .clip_loading import resolve_device
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .checkpoint_checks import checkpoint_identity, validate_weights
 from .cli_errors import RunStopped
-from .config import SCHEMA
-from .config_schema import REQUIRED, RunConfig
 from .datasets.head import Head
 from .distributed import dist_info, process_device, use_global_batchnorm, wrap_ddp
 from .feature_cache import shared_feature_cache
 from .hypothesis import load_hypotheses, require_some_hypothesis
 from .model_factory import build_model
-from .provenance import check_hypothesis_file
+from .provenance import RESUME_FREE_KEYS, check_hypothesis_file, config_fingerprint, fingerprint_matches
 from .run_inputs import build_dataset, resolve_class_names
 from .run_lock import run_folder_lock
 from .transforms import sample_seed, train_transform_from_config
 from .views import TrainViews, check_unlabeled
-
-# Keys that may change between a run and its resumption without changing what is computed (see RunConfig).
-RESUME_FREE_KEYS = tuple(f.name for f in fields(RunConfig))
 
 
 class NonFiniteLossError(RunStopped):
@@ -64,16 +59,6 @@ class TrainResult:
 def poly_lr(base_lr: float, epoch: int, max_epoch: int, power: float = 0.9) -> float:
     """Poly decay per epoch: base_lr · (1 − epoch/max_epoch)^power (epoch counted from 0)."""
     return base_lr * (1.0 - epoch / max_epoch) ** power
-
-
-def config_fingerprint(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """The part of a config that must match for a resumed run to continue the same computation,
-    plus the frozen CLIP's weight digest (the config names the weights, e.g. ``pretrained: biased``,
-    but retrained weights under the same name are another computation)."""
-    fp = {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS}
-    if clip is not None:
-        fp["clip_weights"] = clip_fingerprint(clip)
-    return fp
 
 
 def train(cfg: Mapping[str, Any], *, run_dir: Optional[os.PathLike] = None, **kwargs: Any) -> TrainResult:
@@ -219,24 +204,6 @@ def _setup(cfg: Mapping[str, Any], run: Path, dataset: Any, hypotheses: Optional
     return _Run(cfg, run, world, rank, device, per_rank, names, model, data, optimizer, fingerprint, identity)
 
 
-def fingerprint_matches(stored: Mapping[str, Any], current: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> bool:
-    """Whether a checkpoint's fingerprint is the same computation as the config's: equal, up to
-    keys that the stored one lacks and the config holds at their default — a key added to the
-    config after the run was written defaults to the computation as it was before it existed."""
-    for k in set(stored) | set(current):
-        spec = schema.get(k)
-        if k in stored and k in current:
-            if isinstance(spec, dict) and isinstance(stored[k], Mapping) and isinstance(current[k], Mapping):
-                if not fingerprint_matches(stored[k], current[k], spec):
-                    return False
-            elif stored[k] != current[k]:
-                return False
-        elif k in stored or spec is None or isinstance(spec, dict) or spec.default is REQUIRED \
-                or current[k] != spec.default:
-            return False
-    return True
-
-
 def _resume(r: _Run, resume: bool) -> None:
     """Continue from the latest checkpoint of the same computation, or refuse a different one."""
     latest = find_checkpoint(r.ckpt_dir) if resume else None
@@ -378,4 +345,4 @@ def _read_losses(path: Path, up_to_step: int) -> List[Dict[str, Any]]:
     return df[df["step"] <= up_to_step].to_dict("records")
 
 
-__all__ = ("train", "TrainResult", "poly_lr", "config_fingerprint", "fingerprint_matches", "NonFiniteLossError", "RESUME_FREE_KEYS")
+__all__ = ("train", "TrainResult", "poly_lr", "NonFiniteLossError")

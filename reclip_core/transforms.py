@@ -218,14 +218,33 @@ def train_transform_from_config(cfg) -> TrainTransform:
     return TrainTransform(cfg["crop"], (scale[0], scale[1]), cfg["scale_range"], cfg["flip"], cfg["photometric"])
 
 
-def eval_preprocess(image: ImageLike, test_size: int, max_long_side: int = 2048) -> torch.Tensor:
+#: release option ``test_resize``: the project's resize first (the default), then the release's
+TEST_RESIZES = ("torch", "release")
+
+
+def linear_resize(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """OpenCV's ``INTER_LINEAR`` (the release's test resize) written with torch: bilinear with
+    half-pixel centres and edge clamping, no antialiasing; a uint8 image is rounded back to uint8
+    (OpenCV rounds fixed-point weights, so the two differ by at most one grey level). A float image
+    has no grey levels to round to and stays float."""
+    x = F.interpolate(img.float()[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=False)[0]
+    return x.round().clamp(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else x
+
+
+def eval_preprocess(image: ImageLike, test_size: int, max_long_side: int = 2048, resize: str = "torch") -> torch.Tensor:
     """Evaluation input: resize keeping ratio so the short side is ``test_size`` (long side at most
-    ``max_long_side``), CLIP-normalise → [1, 3, H', W'] float32."""
+    ``max_long_side``), CLIP-normalise → [1, 3, H', W'] float32. ``resize="torch"``: torch's
+    bilinear with antialiasing; ``"release"``: :func:`linear_resize` on the 8-bit image."""
+    if resize not in TEST_RESIZES:
+        raise ValueError(f"resize must be one of {TEST_RESIZES}, got {resize!r}.")
     img = to_image_tensor(image)
     h, w = img.shape[-2:]
     size = keep_ratio_size(h, w, max_long_side, test_size)
     if size != (h, w):
-        img = TF.resize(img, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        if resize == "release":
+            img = linear_resize(img, size)
+        else:
+            img = TF.resize(img, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     return normalize(img).unsqueeze(0)
 
 
@@ -252,23 +271,50 @@ def window_boxes(h: int, w: int, window: int, stride: int, tiling: str = "fit") 
     return [(y, x) for y in ys for x in xs]
 
 
-def crop_windows(image: ImageLike, boxes: Sequence[Tuple[int, int]], window: int, input_size: int) -> torch.Tensor:
+#: how a window is resized to the CLIP input: torch on float tensors (the project) or PIL on uint8 (the release)
+WINDOW_RESIZES = ("torch", "release")
+
+
+def _pil_bicubic(crops: torch.Tensor, input_size: int) -> torch.Tensor:
+    """uint8 [N, 3, s, s] → float [N, 3, S, S] in [0, 1] through PIL's bicubic resize, as CLIP's own
+    preprocessing (``Resize(S, BICUBIC)`` of a PIL image, then ``ToTensor``) treats each window."""
+    out = []
+    for c in crops:
+        pil = Image.fromarray(c.permute(1, 2, 0).contiguous().numpy(), "RGB")
+        pil = pil.resize((input_size, input_size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+    return torch.stack(out).float() / 255.0
+
+
+def crop_windows(image: ImageLike, boxes: Sequence[Tuple[int, int]], window: int, input_size: int,
+                 resize: str = "torch") -> torch.Tensor:
     """Square crops of side ``window`` at ``boxes`` (top-left corners), each resized to
     ``input_size`` (bicubic, like CLIP's preprocessing; a square window needs no centre crop) and
-    CLIP-normalised → [N, 3, input_size, input_size]."""
+    CLIP-normalised → [N, 3, input_size, input_size].
+
+    ``resize="torch"``: torch's bicubic with antialias on the float crops. ``"release"``: PIL's
+    bicubic on the uint8 crops, which is what CLIP's own preprocessing does to the release's PIL
+    windows (PIL computes on 8-bit values and rounds its output to them; a float image is first
+    quantised to 8 bits, as the release reads 8-bit files)."""
+    if resize not in WINDOW_RESIZES:
+        raise ValueError(f"resize must be one of {WINDOW_RESIZES}, got {resize!r}.")
     img = to_image_tensor(image)
     crops = [img[:, y:y + window, x:x + window] for y, x in boxes]
     side = min(min(c.shape[-2:]) for c in crops)  # < window only when the image is smaller
     crops = torch.stack([TF.center_crop(c, [side, side]) for c in crops])
+    if resize == "release":
+        if crops.is_floating_point():
+            crops = (crops * 255.0).round().clamp(0, 255)
+        return normalize(_pil_bicubic(crops.to(torch.uint8).cpu(), input_size))
     crops = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
     crops = TF.resize(crops, [input_size, input_size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     return normalize(crops.clamp(0, 1))
 
 
-def window_batch(image: ImageLike, window: int, stride: int, input_size: int) -> torch.Tensor:
+def window_batch(image: ImageLike, window: int, stride: int, input_size: int, resize: str = "torch") -> torch.Tensor:
     """All windows of one image (:func:`window_boxes`) → [N, 3, input_size, input_size]."""
     img = to_image_tensor(image)
-    return crop_windows(img, window_boxes(img.shape[-2], img.shape[-1], window, stride), window, input_size)
+    return crop_windows(img, window_boxes(img.shape[-2], img.shape[-1], window, stride), window, input_size, resize)
 
 
 def clip_preprocess(image: ImageLike, input_size: int) -> torch.Tensor:
@@ -286,4 +332,5 @@ def clip_input_size(clip: torch.nn.Module) -> int:
 
 
 __all__ = ("TrainTransform", "train_transform_from_config", "eval_preprocess", "window_boxes", "window_batch", "crop_windows",
+           "WINDOW_RESIZES", "linear_resize", "TEST_RESIZES",
            "clip_preprocess", "clip_input_size", "keep_ratio_size", "sample_seed", "to_image_tensor", "to_rgb", "open_image", "normalize")

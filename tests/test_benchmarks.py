@@ -14,13 +14,14 @@ import torch
 
 import reclip_core
 from benchmarks import harness
-from benchmarks.ours import (ours_eval_image, ours_evaluate, ours_feature_cache, ours_hypothesis, ours_train_epoch,
-                             window_geometry)
+from benchmarks.ours import (ours_eval_image, ours_evaluate, ours_feature_cache, ours_hypothesis, ours_scorer,
+                             ours_train_epoch, window_geometry)
 from benchmarks.release_style import (release_evaluate, release_forward, release_hypothesis, release_loss,
                                       release_loss_from_masks, release_train_epoch)
 from benchmarks.rows import BENCH_TEMPLATES
 from benchmarks.run import build_rows, main, same_output, time_reproduce
 from reclip_core import ReCLIPPP, class_names
+from reclip_core.evaluation import evaluate
 from reclip_core.loss import gumbel_masked_contrastive_loss
 from reclip_core.views import TrainViews
 from reclip_core.transforms import TrainTransform, window_boxes
@@ -85,12 +86,17 @@ def test_evaluation_same_metric_and_release_writes_one_file_per_image(voc_model,
     for (_, a), (_, b) in zip(events_o[1::2], events_r[1::2]):
         assert torch.allclose(a, b, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["im0.png", "im1.png", "im2.png"]
-    # the benchmark's per-image body of `evaluate` (timed one image at a time) equals `evaluate`
-    metrics = {"no_pd": reclip_core.SegMetric(model.num_classes), "pd": reclip_core.SegMetric(model.num_classes)}
-    for item in data:
-        ours_eval_image(model, item, 48, 0.3, metrics)
-    for tag in ("pd", "no_pd"):
-        assert (metrics[tag].confusion == report.metrics["reclip++"][tag].confusion).all()
+    # the benchmark's per-image body of `evaluate` (timed one image at a time) equals `evaluate`,
+    # for the release's scoring (ReCLIP++ with PD) and for evaluate_run's (every head, PD off and on)
+    every = evaluate(model, data, 48, 0.3, progress=False)
+    for heads, variants, want in ((("reclip++",), ("pd",), report), (None, ("no_pd", "pd"), every)):
+        scorer = ours_scorer(model, 0.3, heads=heads, pd_variants=variants)
+        for item in data:
+            ours_eval_image(scorer, item, 48)
+        assert {h: set(t) for h, t in scorer.metrics.items()} == {h: set(variants) for h in (heads or want.metrics)}
+        for head, by_tag in scorer.metrics.items():
+            for tag, m in by_tag.items():
+                assert (m.confusion == want.metrics[head][tag].confusion).all()
     # a different model gives a different metric: the comparison can fail
     other = copy.deepcopy(model)
     with torch.no_grad():
@@ -269,13 +275,14 @@ def test_quick_run_writes_well_formed_table(tmp_path, capsys):
     assert header[:7] == ["#", "row", "ours (median)", "release-style (median)", "ratio", "target", "met?"]
     assert all(len(r) == len(header) for r in body)
     ids = [r[0] for r in body]
-    assert ids == ["1a", "1b", "1c", "1d", "2a", "2b", "3", "4a", "4b"]
+    assert ids == ["1a", "1b", "1c", "1d", "1e", "1f", "2a", "2b", "3", "4a", "4b"]
     for r in body:
         assert r[6] in ("met", "MISSED", "(info)")
         if r[0] in ("1a", "1b", "2a", "2b", "3"):
             assert re.fullmatch(r"\d+\.\d\d×", r[4])
     same = {r[0]: r[header.index("same output")] for r in body}
     assert same["1a"].startswith("yes") and same["1b"].startswith("yes") and same["3"].startswith("yes")
+    assert same["1c"].startswith("yes") and same["1d"].startswith("yes")  # evaluate_run's scoring, same PD numbers
     assert "wrote" in capsys.readouterr().out
 
 
@@ -287,8 +294,8 @@ def test_worker_process_reports_peak_memory(tmp_path):
                            "--worker-out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["threads"] == 1 and set(res["paths"]) == {"ours", "release"}
-    for path in ("ours", "release"):
+    assert res["threads"] == 1 and set(res["paths"]) == {"ours", "ours_all", "release"}
+    for path in ("ours", "ours_all", "release"):
         assert res["paths"][path]["memory"]["peak_mb"] > 0 and res["paths"][path]["memory"]["method"]
         assert res["paths"][path]["stats"]["forward"]["n"] == 1
     assert res["paths"]["release"]["extra"]["prediction_files"] == 1  # one timed image (no own warm-up)

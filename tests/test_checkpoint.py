@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from reclip_core.checkpoint import (LATEST, convert_release_checkpoint, find_checkpoint, load_checkpoint,
                                     load_model_weights, save_checkpoint)
@@ -147,6 +148,16 @@ def test_convert_release_checkpoint(tmp_path, tiny_clip, prompt_3d):
     fresh = ReCLIPPP(tiny_clip, NAMES, templates=["a photo of a {}."])
     load_model_weights(fresh, path)
     assert torch.equal(fresh.trainable_state_dict()["decoder.conv.bias"], release["module.decoder_conv2.bias"])
+    # segment on the authors' file: read, resized and upsampled the release's way; a bare file of ours: ours
+    from reclip_core.segment import _load_for_checkpoint
+
+    seg, kind, _ = _load_for_checkpoint(path, NAMES, tiny_clip, "cpu")
+    assert (kind, seg.reference.read_slot, seg.eval_upsampling, seg.test_resize) == \
+        ("reclip++", "release", "release", "release")
+    ours = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in fresh.trainable_state_dict().items()}, str(ours))
+    seg, _, _ = _load_for_checkpoint(ours, NAMES, tiny_clip, "cpu", allow_legacy=True)
+    assert seg.reference.read_slot == "eot" and getattr(seg, "eval_upsampling", "crop") == "crop"
 
 
 def test_convert_release_checkpoint_errors(tiny_clip):

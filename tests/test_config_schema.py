@@ -9,7 +9,8 @@ import pytest
 
 from reclip_core import config_schema as S
 from reclip_core.config import SCHEMA, Key, available_configs, load_config, valid_keys, validate
-from reclip_core.training import RESUME_FREE_KEYS, _jsonable, config_fingerprint, fingerprint_matches
+from reclip_core.provenance import RESUME_FREE_KEYS, config_fingerprint, fingerprint_matches
+from reclip_core.training import _jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 # Checkpoints already written store a fingerprint without exactly these keys: the set must not change.

@@ -234,3 +234,120 @@ def test_loss_preference_rows_and_the_loss_of_each_segmentation(tiny_clip):
         loss_preference(model, ds, {"img000": [0]}, test_size=32)
     with pytest.raises(ValueError, match="no image with a non-empty hypothesis"):
         loss_preference(model, ds, {k: [] for k in every}, test_size=32)
+
+
+# --------------------------------------------------------------------------------------------
+# PD read from one upsampling: identical to upsampling the filtered logits
+# --------------------------------------------------------------------------------------------
+def _old_pd_pred(logits, threshold, scale, patch, input_hw, label_hw, mode="crop"):
+    """The reference: PD's logits upsampled on their own, then the argmax."""
+    from reclip_core.rectify import presence_filter
+
+    return upsample_logits(presence_filter(logits, threshold, scale=scale), patch, input_hw, label_hw,
+                           mode=mode).argmax(dim=1)
+
+
+@pytest.mark.parametrize("mode", ["crop", "release"])
+@pytest.mark.parametrize("case", range(8))
+def test_pd_argmax_equals_upsampling_the_filtered_logits(mode, case):
+    from reclip_core.eval_scoring import _PDArgmax
+    from reclip_core.rectify import presence_filter
+
+    # (classes, batch, grid, input, label, threshold): all kept, some kept, none kept (threshold 1:
+    # every class removed, the prediction then rests on the rounding of the upsampled constant)
+    C, B, grid, inp, lab, thr = [(20, 1, (6, 8), (48, 64), (45, 60), 1.0), (20, 2, (6, 8), (41, 60), (45, 60), 0.3),
+                                 (150, 1, (8, 11), (64, 85), (48, 64), 0.05), (150, 1, (8, 11), (64, 85), (64, 85), 1.0),
+                                 (7, 3, (5, 5), (33, 40), (70, 71), 0.5), (3, 2, (4, 6), (32, 48), (32, 48), 0.0),
+                                 (59, 1, (7, 9), (56, 70), (90, 111), 0.2), (1, 2, (3, 4), (20, 30), (21, 29), 0.9)][case]
+    g = torch.Generator().manual_seed(case)
+    logits = torch.randn(B, C, *grid, generator=g) * 0.3
+    if C >= 7:
+        logits[:, 3] = logits[:, 1]  # exact ties: the first of equal maxima wins in both
+        logits[:, 5] = logits[:, 4] - 150.0  # a class below the removed classes' -100
+    for scale in (10.0, 100.0):
+        pd_logits = presence_filter(logits, thr, scale=scale)
+        want = _old_pd_pred(logits, thr, scale, 8, inp, lab, mode)
+        up = upsample_logits(logits, 8, inp, lab, mode=mode)
+        pd = _PDArgmax(8, mode)
+        for pred in (None, up.argmax(dim=1)):
+            assert torch.equal(pd(up, pd_logits, (inp, lab), pred), want)
+
+
+def test_upsampled_removed_class_stays_within_the_floor():
+    """The bound the PD shortcut rests on: a constant -100 map upsampled stays far above -99.9 of
+    the floor's margin (measured: a few float32 ulps), and the rounding differs between classes."""
+    from reclip_core.eval_scoring import _FLOOR, FILTERED_LOGIT
+
+    worst = 0.0
+    for grid, inp, lab in [((6, 8), (48, 64), (45, 60)), ((21, 28), (336, 448), (375, 500)), ((32, 43), (512, 683), (384, 512))]:
+        for mode in ("crop", "release"):
+            const = upsample_logits(torch.full((1, 20, *grid), FILTERED_LOGIT), 16, inp, lab, mode=mode)
+            worst = max(worst, float((const - FILTERED_LOGIT).abs().max()))
+    assert worst < 1e-4 < _FLOOR - FILTERED_LOGIT
+
+
+class _Wild(ColourModel):
+    """Three heads of different kinds: a constant one, the colour reader, and logits that are a
+    fixed function of each token's colour, with ties and a class far below -100."""
+
+    def forward(self, images):
+        out = super().forward(images)
+        proj = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
+        noisy = torch.sin(4 * torch.einsum("bchw,cd->bdhw", nn.functional.avg_pool2d(images, 8), proj)) * 0.2
+        noisy[:, 2] = noisy[:, 1]
+        noisy[:, 0, 0] -= 200.0
+        out["logits"] = noisy
+        return out
+
+
+def _reference_evaluation(model, ds, test_size, pd_threshold, batch_size):
+    """The evaluation loop with every head's PD logits upsampled on their own (the reference):
+    batches of equal input size, one upsampling per batch when its label sizes agree."""
+    from reclip_core.eval_scoring import HEAD_KEYS
+    from reclip_core.metrics import SegMetric
+    from reclip_core.rectify import presence_filter
+    from reclip_core.transforms import eval_preprocess
+
+    metrics = {h: {t: SegMetric(3) for t in ("no_pd", "pd")} for h in HEAD_KEYS}
+    batches, cur = [], []
+    for i in range(len(ds)):
+        x, lab = eval_preprocess(ds[i]["image"], test_size), np.asarray(ds[i]["label"], np.int64)
+        if cur and (x.shape != cur[0][0].shape or len(cur) >= batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append((x, lab))
+    batches.append(cur)
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.cat([b[0] for b in batch])
+            out = model(images=x)
+            same = len({b[1].shape for b in batch}) == 1
+            groups = [list(range(len(batch)))] if same else [[j] for j in range(len(batch))]
+            for js in groups:
+                target = torch.from_numpy(np.stack([batch[j][1] for j in js]))
+                sizes = (tuple(x.shape[-2:]), tuple(target.shape[-2:]))
+                for head, key in HEAD_KEYS.items():
+                    lg = out[key]
+                    metrics[head]["no_pd"].update(upsample_logits(lg[js], 8, *sizes).argmax(1), target)
+                    pd_lg = presence_filter(lg, pd_threshold, scale=10.0)[js]
+                    metrics[head]["pd"].update(upsample_logits(pd_lg, 8, *sizes).argmax(1), target)
+    return metrics
+
+
+@pytest.mark.parametrize("pd_threshold", [0.4, 0.9, 1.0])
+def test_evaluate_equals_the_reference_loop(pd_threshold):
+    ds = ImageSet(7, labels=True, sizes=((40, 48), (40, 48), (33, 51)))
+    for batch_size in (1, 3):
+        want = _reference_evaluation(_Wild(), ds, 36, pd_threshold, batch_size)
+        rep = evaluate(_Wild(), ds, test_size=36, pd_threshold=pd_threshold, progress=False, batch_size=batch_size)
+        for head, by_tag in want.items():
+            for tag, m in by_tag.items():
+                np.testing.assert_array_equal(rep.metrics[head][tag].confusion, m.confusion, err_msg=f"{head} {tag}")
+    # only what is asked for is scored; what is scored does not change
+    rep = evaluate(_Wild(), ds, test_size=36, pd_threshold=pd_threshold, progress=False, heads=["reclip++"],
+                   pd_variants=("pd",))
+    assert {h: list(t) for h, t in rep.metrics.items()} == {"reclip++": ["pd"]}
+    np.testing.assert_array_equal(rep.metrics["reclip++"]["pd"].confusion, want["reclip++"]["pd"].confusion)
+    assert rep.summary()["mIoU_no_pd"].isna().all() and "-" in rep.format()
+    with pytest.raises(ValueError, match="pd_variants"):
+        evaluate(_Wild(), ds, test_size=36, pd_threshold=0.5, progress=False, pd_variants=("both",))

@@ -648,7 +648,7 @@ def test_17_untrusted_pickle_in_checkpoint_is_not_executed(tmp_path, trained_run
 # 18. papermill run with an invalid parameter or profile: fails before any heavy work
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, expected", [
-    (["-p", "bogus", "1"], "unknown notebook parameter(s) ['bogus']; valid: dataset, device, epochs, grid, n_val"),
+    (["-p", "bogus", "1"], "unknown notebook parameter(s) ['bogus']; valid: class_names, data_root, dataset, device, epochs, grid, n_images, n_val"),
     (["--profile", "bogus"], "unknown profile 'bogus'; valid profiles: toy, paper"),
     (["--profile", "toy", "--dataset", "voc"], "dataset 'voc' is not part of profile 'toy'; valid: toyworld"),
     (["-p", "profile", "paper"], "set profile with --profile"),

@@ -3,7 +3,7 @@ written out step by step here, never imported), and its other value is the proje
 
 Options: ``class_name_set``, ``pd_scale`` / ``reclip_pd_threshold`` / ``reclip_pd_scale``,
 ``hypothesis_tiling``, ``hypothesis_threshold`` / ``hypothesis_topk``, ``loss_normalisation``,
-``hypothesis_clip``; and the conversion of ReCLIP's released checkpoints.
+``hypothesis_clip``, ``eval_upsampling``, ``test_resize``; and the conversion of ReCLIP's released checkpoints.
 """
 from __future__ import annotations
 
@@ -148,6 +148,7 @@ def test_pd_rule_per_model_equals_the_release(dataset, reclip_pd):
 
 
 def test_evaluate_applies_the_reclip_rule_to_reclip_heads_only(tiny_clip, monkeypatch):
+    import reclip_core.eval_scoring as scoring  # where evaluate's per-forward scoring calls PD
     import reclip_core.evaluation as ev
     from reclip_core.model_factory import build_model
 
@@ -155,8 +156,8 @@ def test_evaluate_applies_the_reclip_rule_to_reclip_heads_only(tiny_clip, monkey
     model = build_model(cfg, clip=tiny_clip)
     assert model.pd_rule == (0.6, 100.0)
     calls = []
-    real = ev.presence_filter
-    monkeypatch.setattr(ev, "presence_filter", lambda lg, t, scale: (calls.append((t, scale)), real(lg, t, scale))[1])
+    real = scoring.presence_filter
+    monkeypatch.setattr(scoring, "presence_filter", lambda lg, t, scale: (calls.append((t, scale)), real(lg, t, scale))[1])
     ev.evaluate(model, ImageSet(1, labels=True), test_size=32, pd_threshold=0.85, progress=False)
     assert calls == [(0.85, 10.0), (0.6, 100.0)]  # maskclip: ReCLIP++'s rule; rectified: ReCLIP's
     # a ReCLIP++ model and the toy defaults keep one rule for every head, as before
@@ -462,3 +463,308 @@ def test_reclip_conversion_errors_and_detection(tiny_clip):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert set(convert_release_checkpoint(release_pp)) == set(own)
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Evaluation: the release's upsampling of the padded grid and its OpenCV test resize
+# ------------------------------------------------------------------------------------------------
+def _bilinear_half_pixel(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of the last two axes written out: source coordinate (d + 0.5)·in/out − 0.5
+    (half-pixel centres), clamped to the first and last pixel, no antialiasing (float64)."""
+    def taps(n_in, n_out):
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        lo = np.floor(src).astype(int)
+        frac = src - lo
+        frac[lo < 0], lo[lo < 0] = 0.0, 0
+        last = lo >= n_in - 1
+        frac[last], lo[last] = 0.0, n_in - 1
+        return lo, np.minimum(lo + 1, n_in - 1), frac
+
+    y0, y1, fy = taps(a.shape[-2], out_h)
+    x0, x1, fx = taps(a.shape[-1], out_w)
+    a = a.astype(np.float64)
+    rows = a[..., y0, :] * (1 - fy)[:, None] + a[..., y1, :] * fy[:, None]
+    return rows[..., x0] * (1 - fx) + rows[..., x1] * fx
+
+
+@pytest.mark.parametrize("input_hw,label_hw", [((333, 505), (333, 505)), ((336, 505), (375, 563)),
+                                               ((40, 44), (30, 33))])
+def test_release_upsampling_stretches_the_padded_grid_to_the_unpadded_size(input_hw, label_hw):
+    from reclip_core.evaluation import upsample_logits
+
+    patch = 16 if input_hw[0] > 100 else 8
+    grid = (-(-input_hw[0] // patch), -(-input_hw[1] // patch))  # the zero-padded input's token grid
+    logits = torch.randn(2, 5, *grid, generator=torch.Generator().manual_seed(0))
+    # the release: the padded grid's logits straight to the unpadded input size, then to the label size
+    want = _bilinear_half_pixel(logits.numpy(), *input_hw)
+    if input_hw != label_hw:
+        want = _bilinear_half_pixel(want, *label_hw)
+    got = upsample_logits(logits, patch, input_hw, label_hw, mode="release")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4)  # float32 coordinates and sums
+    assert not torch.allclose(got, upsample_logits(logits, patch, input_hw, label_hw))  # the project's crop
+    with pytest.raises(ValueError, match="upsampling"):
+        upsample_logits(logits, patch, input_hw, label_hw, mode="stretch")
+
+
+def test_both_upsamplings_agree_without_padding():
+    from reclip_core.evaluation import upsample_logits
+
+    logits = torch.randn(1, 4, 21, 28, generator=torch.Generator().manual_seed(1))
+    for label in ((336, 448), (375, 500)):
+        assert torch.equal(upsample_logits(logits, 16, (336, 448), label, mode="release"),
+                           upsample_logits(logits, 16, (336, 448), label))
+
+
+def _release_test_resize(image: np.ndarray, short: int, long_max: int) -> np.ndarray:
+    """The release's test resize written out: s = min(long_max / long, short / short side), size
+    (int(w·s + 0.5), int(h·s + 0.5)), bilinear with half-pixel centres on the uint8 image, rounded."""
+    h, w = image.shape[:2]
+    s = min(long_max / max(h, w), short / min(h, w))
+    new_w, new_h = int(w * s + 0.5), int(h * s + 0.5)
+    out = _bilinear_half_pixel(np.moveaxis(image, -1, 0), new_h, new_w)
+    return np.moveaxis(np.clip(np.rint(out), 0, 255).astype(np.uint8), 0, -1)
+
+
+@pytest.mark.parametrize("hw,short,long_max", [((375, 500), 336, 2048), ((40, 48), 64, 2048),
+                                               ((100, 700), 64, 300), ((333, 505), 336, 2048)])
+def test_release_test_resize_is_opencv_bilinear_on_uint8(hw, short, long_max):
+    from reclip_core.transforms import eval_preprocess, linear_resize, normalize
+
+    g = np.random.default_rng(hw[0])
+    image = np.clip(g.normal(128, 60, (*hw, 3)) + np.linspace(0, 80, hw[1])[None, :, None], 0, 255).astype(np.uint8)
+    want = _release_test_resize(image, short, long_max)
+    x = eval_preprocess(image, short, long_max, resize="release")
+    assert tuple(x.shape[-2:]) == want.shape[:2]  # the sizes exactly
+    got = linear_resize(torch.from_numpy(image).permute(2, 0, 1), want.shape[:2])
+    assert got.dtype == torch.uint8
+    # OpenCV's fixed-point weights round differently from float arithmetic: at most one grey level
+    assert np.abs(got.permute(1, 2, 0).numpy().astype(int) - want.astype(int)).max() <= 1
+    assert torch.equal(x, normalize(got).unsqueeze(0))
+    project = eval_preprocess(image, short, long_max)
+    assert project.shape == x.shape and not torch.equal(project, x)
+    with pytest.raises(ValueError, match="resize"):
+        eval_preprocess(image, short, long_max, resize="cv2")
+
+
+@pytest.mark.parametrize("dataset", PAPER)
+def test_paper_configs_set_the_release_evaluation_options(dataset):
+    cfg = load_config(dataset)
+    assert (cfg.eval_upsampling, cfg.test_resize) == ("release", "release")
+    toy = load_config("toy")  # the toy profile keeps the project's values
+    assert (toy.eval_upsampling, toy.test_resize) == ("crop", "torch")
+    with pytest.raises(ValueError, match="eval_upsampling"):
+        load_config(dataset, ["eval_upsampling=stretch"])
+
+
+def test_evaluate_run_and_segment_use_the_configured_evaluation_options(tmp_path, tiny_clip, monkeypatch):
+    from reclip_core import evaluation, segment
+
+    seen = {}
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
+    cfg = tiny_config(tmp_path / "run", eval_upsampling="release", test_resize="release")
+    with pytest.warns(UserWarning, match="MaskCLIP only"):
+        evaluation.evaluate_run(cfg, dataset=ImageSet(2, labels=True), clip=tiny_clip, progress=False, save=False)
+    assert (seen["upsampling"], seen["resize"]) == ("release", "release")
+    # segment: the options a checkpoint's config sets travel with its model
+    calls = []
+    monkeypatch.setattr(segment, "upsample_logits", lambda *a, mode: (calls.append(mode), real_up(*a, mode=mode))[1])
+    monkeypatch.setattr(segment, "eval_preprocess", lambda *a, resize: (calls.append(resize), real_pre(*a, resize=resize))[1])
+    from reclip_core.eval_scoring import upsample_logits as real_up
+    from reclip_core.model import MaskCLIP
+    from reclip_core.transforms import eval_preprocess as real_pre
+
+    model = MaskCLIP(tiny_clip, NAMES, templates=SINGLE).eval()
+    image = ImageSet(1)[0]["image"]
+    segment.predict_mask(model, image, 32, None, "cpu")
+    model.eval_upsampling, model.test_resize = "release", "release"
+    segment.predict_mask(model, image, 32, None, "cpu")
+    assert calls == ["torch", "crop", "release", "release"]
+
+
+def test_segment_pd_uses_the_models_own_softmax_scale(tiny_clip):
+    from reclip_core import segment
+    from reclip_core.model import MaskCLIP
+    from reclip_core.rectify import presence_filter
+
+    model = MaskCLIP(tiny_clip, NAMES, templates=SINGLE).eval()
+    image = ImageSet(1)[0]["image"]
+    x = segment.eval_preprocess(image, 32)
+    logits = model(images=x)["logits"]
+    h, w = segment.to_image_tensor(image).shape[-2:]
+
+    # a threshold that the peak probability passes at scale 100 and not at 10: the scales keep other classes
+    peak = {s: float(torch.softmax(s * logits, dim=1).amax()) for s in (10.0, 100.0)}
+    assert peak[100.0] > peak[10.0]
+    threshold = (peak[10.0] + peak[100.0]) / 2
+
+    def expected(scale):  # PD with this scale, computed here, then the usual upsampling
+        up = segment.upsample_logits(presence_filter(logits, threshold, scale=scale), segment.patch_size(model),
+                                     tuple(x.shape[-2:]), (h, w))
+        return up.argmax(dim=1)[0].numpy()
+
+    assert (expected(10.0) != expected(100.0)).any()  # the fixture tells the two scales apart
+    assert (segment.predict_mask(model, image, 32, threshold, "cpu") == expected(10.0)).all()
+    model.pd_rule = (0.5, 100.0)  # a ReCLIP model's rule (build_model sets it from the config)
+    assert (segment.predict_mask(model, image, 32, threshold, "cpu") == expected(100.0)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Reference read-out slot
+# ------------------------------------------------------------------------------------------------
+# 1, 2, 3, 3, 3, 5 and 4 CLIP tokens; "skyscraper", "conveyer belt" and "skyscraper roof" have their
+# largest id before the last slot
+SLOT_NAMES = ["cat", "potted plant", "chest of drawers", "skyscraper", "conveyer belt", "chest of drawers and shelves",
+              "skyscraper roof"]
+
+
+def _release_read_index(names, context_length):
+    """The release: the text-encoder output is read at 1 + n_ctx + argmax of the 3 name token ids."""
+    import open_clip
+
+    ids = open_clip.tokenize(names, context_length=context_length)[:, 1:4]
+    n_ctx = context_length - 4  # 73 for CLIP's 77
+    return [1 + n_ctx + int(torch.argmax(row)) for row in ids], [int((row != 49407).all()) for row in ids]
+
+
+def _eot_read_index(names, context_length):
+    """The project: the end-of-text slot among the 3, else the last one."""
+    import open_clip
+
+    ids = open_clip.tokenize(names, context_length=context_length)[:, 1:4]
+    slots = [row.tolist().index(49407) if 49407 in row.tolist() else 2 for row in ids]
+    return [1 + context_length - 4 + s for s in slots]
+
+
+def test_release_reference_slot_reads_the_argmax_of_the_name_ids(vit_b16):
+    from reclip_core.reference_prompt import ReferencePrompt
+
+    release, long = _release_read_index(SLOT_NAMES, 77)
+    assert long == [0, 0, 1, 1, 1, 1, 1]  # names of 3+ tokens fill every slot with a word
+    assert ReferencePrompt(vit_b16, SLOT_NAMES, read_slot="release").read_index.tolist() == release
+    eot = ReferencePrompt(vit_b16, SLOT_NAMES).read_index.tolist()
+    assert eot == _eot_read_index(SLOT_NAMES, 77) == [75, 76, 76, 76, 76, 76, 76]  # the default is unchanged
+    # end-of-text is the largest id: the two agree below 3 tokens, and where the largest word id is last
+    assert [r == e for r, e in zip(release, eot)] == [True, True, True, False, False, True, False]
+    with pytest.raises(ValueError, match="read_slot"):
+        ReferencePrompt(vit_b16, SLOT_NAMES, read_slot="last")
+
+
+def test_release_reference_features_differ_only_where_the_slot_moves(tiny_clip):
+    from reclip_core.reference_prompt import ReferencePrompt
+
+    eot, release = ReferencePrompt(tiny_clip, SLOT_NAMES), ReferencePrompt(tiny_clip, SLOT_NAMES, read_slot="release")
+    assert release.read_index.tolist() == _release_read_index(SLOT_NAMES, tiny_clip.context_length)[0]
+    with torch.no_grad():
+        a, b = eot.encode(), release.encode()
+    moved = (eot.read_index != release.read_index).tolist()
+    assert moved == [False, False, False, True, True, False, True]
+    for c, m in enumerate(moved):
+        assert torch.equal(a[c], b[c]) != m, SLOT_NAMES[c]
+
+
+@pytest.mark.parametrize("kind", ["reclip++", "reclip"])
+def test_build_model_passes_the_reference_slot(tiny_clip, kind):
+    from reclip_core.config_schema import ModelConfig
+    from reclip_core.model_factory import build_model
+    from reclip_core.reference_prompt import READ_SLOTS
+
+    assert ModelConfig.__dataclass_fields__["reference_slot"].metadata["choices"] == READ_SLOTS
+    assert build_model(tiny_config("unused", model=kind), clip=tiny_clip).reference.read_slot == "eot"
+    model = build_model(tiny_config("unused", model=kind, reference_slot="release"), clip=tiny_clip)
+    assert model.reference.read_slot == "release"
+    with pytest.raises(ValueError, match="reference_slot"):
+        tiny_config("unused", reference_slot="argmax")
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Hypothesis window resize
+# ------------------------------------------------------------------------------------------------
+def _release_window_input(image, box, window, size):
+    """CLIP's own preprocessing of one PIL window, step by step: bicubic resize of the uint8 window
+    so its short side is ``size`` (a square: size × size), centre crop (nothing left to cut), /255,
+    CLIP's mean and std."""
+    from PIL import Image
+
+    from reclip_core.backbone import CLIP_MEAN, CLIP_STD
+
+    y, x = box
+    crop = image.crop((x, y, x + window, y + window))
+    resized = crop.resize((size, size), Image.BICUBIC)
+    assert resized.size == (size, size)
+    t = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255.0
+    return (t - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("h, w, window, stride, size", [(168, 224, 56, 28, 224), (40, 48, 16, 8, 32)])
+def test_release_resize_equals_clip_preprocessing_of_each_window(h, w, window, stride, size):
+    from PIL import Image
+
+    from reclip_core.backbone import CLIP_MEAN, CLIP_STD
+    from reclip_core.transforms import crop_windows, window_boxes
+
+    image = Image.fromarray(np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    boxes = window_boxes(h, w, window, stride, tiling="release")
+    got = crop_windows(image, boxes, window, size, resize="release")
+    assert torch.equal(got, torch.stack([_release_window_input(image, b, window, size) for b in boxes]))
+    # the default: torch's bicubic with antialias on the float window, as before
+    arr = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch_way = torch.stack([(F.interpolate(arr[:, y:y + window, x:x + window][None], size=(size, size),
+                                            mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+                              - mean) / std for y, x in boxes])
+    assert torch.equal(crop_windows(image, boxes, window, size), torch_way)
+    assert not torch.equal(got, torch_way)
+    with pytest.raises(ValueError, match="resize"):
+        crop_windows(image, boxes, window, size, resize="cv2")
+
+
+def test_window_vote_with_release_resize(tiny_clip):
+    from reclip_core.backbone import encode_image_cls
+    from reclip_core.hypothesis import window_vote
+    from reclip_core.text import text_embeddings
+    from reclip_core.transforms import clip_input_size, window_boxes
+
+    text = text_embeddings(tiny_clip, NAMES, SINGLE)
+    size = clip_input_size(tiny_clip)
+    ds = ImageSet(3)
+    items = [(ds[i]["id"], ds[i]["image"]) for i in range(3)]
+    got = dict(window_vote(tiny_clip, iter(items), text, window=16, stride=8, batch_size=5, resize="release"))
+    for image_id, image in items:
+        boxes = window_boxes(image.height, image.width, 16, 8)
+        x = torch.stack([_release_window_input(image, b, 16, size) for b in boxes])
+        assert got[image_id] == sorted(set((encode_image_cls(tiny_clip, x) @ text.t()).argmax(dim=1).tolist()))
+
+
+def test_hypotheses_of_another_resize_are_refused(tmp_path, tiny_clip, monkeypatch):
+    import reclip_core.hypothesis as hyp_mod
+    from reclip_core.atomic_io import StaleFileError
+    from reclip_core.config_schema import HypothesisConfig
+    from reclip_core.hypothesis import hypotheses_from_config
+    from reclip_core.provenance import check_hypothesis_file
+    from reclip_core.transforms import WINDOW_RESIZES
+
+    assert HypothesisConfig.__dataclass_fields__["hypothesis_resize"].metadata["choices"] == WINDOW_RESIZES
+    monkeypatch.setattr(hyp_mod, "build_dataset", lambda cfg, split: ImageSet(3))
+    plain, release = tiny_config(tmp_path), tiny_config(tmp_path, hypothesis_resize="release")
+    for name, cfg in (("torch", plain), ("release", release)):
+        hypotheses_from_config(cfg, tiny_clip, "train", tmp_path / f"{name}.json", progress=False)
+    settings = {n: json.loads((tmp_path / f"{n}.json").read_text())["settings"] for n in ("torch", "release")}
+    assert "resize" not in settings["torch"]  # files of the default resize keep the settings they had
+    assert settings["release"]["resize"] == "release"
+    assert {k: v for k, v in settings["release"].items() if k != "resize"} == settings["torch"]
+    check_hypothesis_file(tmp_path / "release.json", release, tiny_clip, ImageSet(3))
+    check_hypothesis_file(tmp_path / "torch.json", plain, tiny_clip, ImageSet(3))
+    for path, cfg in (("release.json", plain), ("torch.json", release)):
+        with pytest.raises(StaleFileError, match="resize"):
+            check_hypothesis_file(tmp_path / path, cfg, tiny_clip, ImageSet(3))
+    with pytest.raises(StaleFileError, match="resize"):  # nor is one resumed under the other resize
+        hypotheses_from_config(plain, tiny_clip, "train", tmp_path / "release.json", progress=False)
+
+
+@pytest.mark.parametrize("dataset", PAPER)
+def test_paper_configs_set_the_release_slot_and_resize(dataset):
+    cfg = load_config(dataset)
+    assert (cfg.reference_slot, cfg.hypothesis_resize) == ("release", "release")
+    toy = load_config("toy")
+    assert (toy.reference_slot, toy.hypothesis_resize) == ("eot", "torch")
