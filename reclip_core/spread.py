@@ -5,7 +5,7 @@
 
 Training through a hard Gumbel argmax amplifies float differences: two CPUs that pick other
 kernels (AVX-512, AVX2, plain C) or another thread count (another reduction order) end at other
-numbers. Each setting runs the five notebooks (``reproduce``) into its own results tree under
+numbers. Each setting runs the notebooks (``reproduce``) into its own results tree under
 ``work/spread/<setting>/`` and the tables they wrote are compared number by number:
 
 - ``results/toy/spread.csv``: for every number of every table, the committed value, the range over

@@ -37,4 +37,5 @@ def folder_overrides(root: Path, run: Path) -> list:
     """``--set`` values of the folder config for an exported toy folder: small sizes, one epoch."""
     return [f"data_root={root}", f"class_names={root / 'classes.txt'}", "test_size=64", "crop=64",
             "hypothesis_window=32", "hypothesis_stride=16", "epoch=1", "max_epoch=2", "batch_size=4",
-            "templates=single", "device=cpu", f"output_dir={run}", "log_every=1"]
+            "templates=single", "device=cpu", f"output_dir={run}", "log_every=1",
+            "clip.arch=toy", "clip.pretrained=biased"]  # not `auto`: the same CLIP where OpenAI's weights are cached
