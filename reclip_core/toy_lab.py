@@ -60,7 +60,7 @@ from .model import MaskCLIP
 # the biased model, the same recipe on the uniform preset, and the biased recipe's second seed
 DEFAULT_MODELS = {"biased": "biased", "uniform": "uniform", "biased, seed 1": "biased_seed1"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: ``evaluate`` also scores PD; this report shows MaskCLIP without it, so the threshold is unused
+#: this report shows MaskCLIP without PD (``pd_variants=("no_pd",)``), so the threshold is unused
 _UNUSED_PD_THRESHOLD = 0.5
 #: the scalar metrics of one model, in the order of ``bias_lab.csv``
 SCALAR_KEYS = ("n_val", "miou", "miou_release", "pixel_accuracy", "chance_miou", "top2_miou", "oracle_miou",
@@ -207,7 +207,7 @@ def evaluate_maskclip(clip: torch.nn.Module, preset: Mapping, root=None, n_val: 
     # test_size = the image side: no resize, so the inputs are the images /255, CLIP-normalised;
     # and a side of whole patches, so the logits reach the label size in one bilinear upsampling
     report = evaluate(model, val, test_size=size, pd_threshold=_UNUSED_PD_THRESHOLD, heads=["maskclip"],
-                      max_images=n_val, progress=False, batch_size=batch_size, bias_grid=grid,
+                      max_images=n_val, progress=False, batch_size=batch_size, bias_grid=grid, pd_variants=("no_pd",),
                       accumulators={"maskclip": [oracle, class_token, readout, pairs]})
     seg, bias = report.metrics["maskclip"]["no_pd"], report.bias["maskclip"]
     cb, sb = bias.class_bias(names), bias.space_bias("tvd")

@@ -348,6 +348,9 @@ def test_23_lock_released_on_exception_and_ctrl_c_in_train(tmp_path, tiny_clip):
 HOLDER = textwrap.dedent("""
     import os, signal, sys, time
     from reclip_core.run_lock import run_folder_lock, _acquire
+    # Ctrl-C as a terminal delivers it, even where this test runs in the background (a shell that
+    # starts a job with `&` hands it SIGINT ignored, and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[2] == "kill":  # take the lock, then die without any cleanup
         _acquire(__import__("pathlib").Path(sys.argv[1]), "holder")
         print("locked", flush=True)
