@@ -203,6 +203,11 @@ def _check_constraints(c: Dict[str, Any]) -> None:
                          "schedule would reach a negative learning rate.")
     if c["lr"] <= 0:
         raise ValueError(f"lr must be > 0, got {c['lr']}.")
+    if c["train_split"] in ("val", c["val_split"]):
+        # refused before any reader is built: a labelled split's reader opens its label files
+        raise ValueError(f"train_split {c['train_split']!r} is the labelled evaluation split: training is "
+                         "unsupervised and reads only unlabeled images. Use train_split=train (hypotheses of "
+                         "the labelled split for diagnostics: `hypothesis --split val`).")
     for k in ("hypothesis_window", "hypothesis_stride", "max_train_images", "max_val_images", "hypothesis_input_size",
               "num_threads", "gumbel_scale", "reclip_pd_scale"):
         if c[k] is not None and c[k] <= 0:

@@ -89,14 +89,19 @@ def test_24_train_refuses_hypotheses_of_other_settings_or_clip(world, change, na
 
 
 def test_24_hypotheses_of_another_split_are_not_resumed(world, capsys):
-    line = _main(capsys, "hypothesis", "--config", world["cfg"], "--quiet", "--set", "train_split=val")
-    assert "dataset.split: 'train' -> 'val'" in line and "--no-resume" in line and "hypotheses.json" in line
+    line = _main(capsys, "hypothesis", "--config", world["cfg"], "--quiet", "--set", "train_split=pretrain")
+    assert "dataset.split: 'train' -> 'pretrain'" in line and "--no-resume" in line and "hypotheses.json" in line
 
 
-def test_24_label_guard_holds_when_the_feature_cache_would_be_reused(world):
-    line = refused(_cli("train", "--config", world["cfg"], "--quiet", "--no-resume", "--set", "train_split=val",
-                         "--set", "feature_cache=true"))
-    assert "training received an item with ['label']" in line and "train_split" in line
+@pytest.mark.parametrize("sets", [["train_split=val", "feature_cache=true"], ["train_split=test", "val_split=test"]])
+def test_24_a_labelled_split_is_refused_for_training_before_any_reader(world, sets, monkeypatch, capsys):
+    from reclip_core import run_inputs, training
+
+    for module in (run_inputs, training):
+        monkeypatch.setattr(module, "build_dataset", lambda *a, **k: pytest.fail("a reader was built"))
+    line = _main(capsys, "train", "--config", world["cfg"], "--quiet", "--no-resume",
+                 *[a for kv in sets for a in ("--set", kv)])
+    assert "is the labelled evaluation split" in line and "train_split=train" in line
 
 
 class _Files:
