@@ -13,7 +13,6 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from reclip_core.atomic_io import StaleFileError
 from reclip_core.datasets.toyworld_export import FORMATS, export_toy_folder
 
 
@@ -32,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = export_toy_folder(args.out, args.n, args.preset, args.split, args.root, not args.no_labels,
                                 args.groups, args.fmt)
-    except (ValueError, FileNotFoundError, StaleFileError) as err:
+    except (ValueError, FileNotFoundError) as err:  # StaleFileError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     extra = ", labels/" if not args.no_labels and args.split == "val" else ""

@@ -254,10 +254,10 @@ class Scorer:
         self.pd_rule, self.model_pd = pd_rule, model_pd
         self.variants = [v for v in PD_VARIANTS if v in pd_variants]
         self.upsampling = upsampling
-        self.pd_argmax = _PDArgmax(patch_size(model), upsampling)
+        self.patch = patch_size(model)
+        self.pd_argmax = _PDArgmax(self.patch, upsampling)
         self.bias_grid, self.examples, self.extra = bias_grid, examples, dict(accumulators or {})
         self.device = model.clip.visual.conv1.weight.device
-        self.patch = patch_size(model)
         self.num_classes = len(model.class_names)
         self.metrics: Optional[Dict[str, Dict[str, SegMetric]]] = None
         self.bias: Dict[str, BiasAccumulator] = {}
@@ -306,10 +306,11 @@ class Scorer:
                 sizes = (tuple(x.shape[-2:]), tuple(target.shape[-2:]))
                 up = upsample_logits(logits[js], self.patch, *sizes, mode=self.upsampling)
                 pred = up.argmax(dim=1) if "no_pd" in by_tag or self.accumulators[head] else None
+                pred_cpu = pred.cpu() if pred is not None else None  # one copy for the metric and the accumulators
                 if "no_pd" in by_tag:
-                    by_tag["no_pd"].update(pred.cpu(), target)
+                    by_tag["no_pd"].update(pred_cpu, target)
                 if self.accumulators[head]:
-                    batch = self._batch(head, items, js, x, out, target, up, pred.cpu())
+                    batch = self._batch(head, items, js, x, out, target, up, pred_cpu)
                     for acc in self.accumulators[head]:
                         acc.update(batch)
                 if pd_logits is not None:

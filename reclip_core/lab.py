@@ -194,7 +194,8 @@ class Lab:
         report = evaluation.evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"],
                                      self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
                                      progress=progress, bias_grid=bias_grid, examples=examples,
-                                     upsampling=self.cfg["eval_upsampling"], resize=self.cfg["test_resize"])
+                                     pd_scale=self.cfg["pd_scale"], upsampling=self.cfg["eval_upsampling"],
+                                     resize=self.cfg["test_resize"])
         self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 

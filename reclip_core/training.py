@@ -33,7 +33,7 @@ from .distributed import dist_info, process_device, use_global_batchnorm, wrap_d
 from .feature_cache import shared_feature_cache
 from .hypothesis import load_hypotheses, require_some_hypothesis
 from .model_factory import build_model
-from .provenance import RESUME_FREE_KEYS, check_hypothesis_file, config_fingerprint, fingerprint_matches
+from .provenance import check_hypothesis_file, config_fingerprint, fingerprint_matches
 from .run_inputs import build_dataset, resolve_class_names
 from .run_lock import run_folder_lock
 from .transforms import sample_seed, train_transform_from_config

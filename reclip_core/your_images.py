@@ -33,6 +33,7 @@ from .config import Config, load_config
 from .datasets.folder import LABELS_DIR, scan_images
 from .datasets.toyworld_export import export_toy_folder
 from .eval_report import EvalReport
+from .eval_scoring import patch_size
 from .evaluation import evaluate_run
 from .hypothesis import hypotheses_from_config, hypothesis_stats
 from .model_factory import build_model
@@ -91,8 +92,8 @@ class FolderLab:
         return (self.root / LABELS_DIR).is_dir()
 
     def image_files(self) -> Dict[str, Path]:
-        """The folder's images by id, in the readers' order."""
-        ids, paths = scan_images(self.root, [self.root / LABELS_DIR], check=False)[:2]
+        """The folder's readable images by id, in the readers' order (the decode check is cached)."""
+        ids, paths = scan_images(self.root, [self.root / LABELS_DIR])[:2]
         return dict(zip(ids, paths))
 
     def _timed(self, name: str, t0: float) -> None:
@@ -166,8 +167,7 @@ class FolderLab:
     def bias_map_figure(self, model: nn.Module) -> plt.Figure:
         """The learned bias logit map (Reference features × positional feature) per class, on the
         token grid of a ``test_size`` square input."""
-        patch = model.clip.visual.patch_size
-        side = self.cfg["test_size"] // int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        side = self.cfg["test_size"] // patch_size(model)
         with torch.no_grad():
             bias = model.bias_map((side, side)).cpu()
         return plots.plot_maps(bias, self.class_names, "learned bias logit map")
