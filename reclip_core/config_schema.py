@@ -15,7 +15,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dat
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .datasets.names import DATASET_NAMES
-from .options import BIAS_MODES, LOSS_NORMALISATIONS, MODEL_KINDS
+from .options import BIAS_MODES, LOSS_NORMALISATIONS, MODEL_KINDS, READ_SLOTS, TEST_RESIZES, UPSAMPLINGS, WINDOW_RESIZES
 
 #: what a config's ``profile`` may say: the paper's settings, the toy lab, or anything hand-made
 KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
@@ -107,7 +107,7 @@ class ModelConfig:
     # a release option: where the Reference prompt's text-encoder output is read
     reference_slot: str = key(
         "eot", "Reference prompt read-out: 'eot' (the end-of-text slot, else the last name slot) or 'release' "
-        "(the argmax of the 3 name token ids: a word token for names of 3+ tokens)", choices=("eot", "release"))
+        "(the argmax of the 3 name token ids: a word token for names of 3+ tokens)", choices=READ_SLOTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +132,7 @@ class HypothesisConfig:
     # a release option: how a window is resized to the CLIP input
     hypothesis_resize: str = key(
         "torch", "window resize: 'torch' (bicubic + antialias on float tensors) or 'release' (PIL bicubic on the "
-        "uint8 window, CLIP's own preprocessing)", choices=("torch", "release"))
+        "uint8 window, CLIP's own preprocessing)", choices=WINDOW_RESIZES)
     # threshold mode: an image's classes are those scoring above this
     hypothesis_threshold: float = key(23.0, "ReCLIP: whole-image score (100*cos) threshold")
     # threshold mode: the fallback when no class passes
@@ -211,11 +211,11 @@ class EvaluationConfig:
     eval_upsampling: str = key(
         "crop", "'crop' (bilinear to the padded input, crop the padding, bilinear to the label) or 'release' "
         "(the padded grid bilinear straight to the unpadded input size, then to the label)",
-        choices=("crop", "release"))
+        choices=UPSAMPLINGS)
     # a release option: how evaluation images are resized to the test size
     test_resize: str = key(
         "torch", "'torch' (bilinear with antialiasing) or 'release' (OpenCV-style bilinear on the 8-bit image, "
-        "no antialiasing)", choices=("torch", "release"))
+        "no antialiasing)", choices=TEST_RESIZES)
 
 
 @dataclass(frozen=True, kw_only=True)

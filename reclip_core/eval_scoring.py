@@ -24,6 +24,7 @@ from torch import nn
 
 from .bias_analysis import BiasAccumulator
 from .metrics import SegMetric
+from .options import UPSAMPLINGS
 from .rectify import presence_filter
 from .transforms import eval_preprocess, to_image_tensor
 
@@ -31,8 +32,6 @@ from .transforms import eval_preprocess, to_image_tensor
 HEAD_KEYS = {"maskclip": "clip_logits", "rectified": "rectified", "reclip++": "logits"}
 #: the two PD settings each head is scored with
 PD_VARIANTS = ("no_pd", "pd")
-#: release option ``eval_upsampling``: the project's order first (the default), then the release's
-UPSAMPLINGS = ("crop", "release")
 #: the logit ``presence_filter`` gives a class it removes
 FILTERED_LOGIT = -100.0
 

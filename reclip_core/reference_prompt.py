@@ -7,11 +7,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .options import READ_SLOTS
 from .text import display_name, tokenize, validate_class_names
 
 NAME_SLOTS = 3  # the first 3 tokens of the class name after start-of-text
 #: where the output is read: the end-of-text slot (the project) or the argmax of the name ids (the release)
-READ_SLOTS = ("eot", "release")
 
 
 class ReferencePrompt(nn.Module):

@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .backbone import CLIP_MEAN, CLIP_STD
 from .image_limits import allow_in_pil, check_pixels, exif_upright
+from .options import TEST_RESIZES, WINDOW_RESIZES
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -218,8 +219,6 @@ def train_transform_from_config(cfg) -> TrainTransform:
     return TrainTransform(cfg["crop"], (scale[0], scale[1]), cfg["scale_range"], cfg["flip"], cfg["photometric"])
 
 
-#: release option ``test_resize``: the project's resize first (the default), then the release's
-TEST_RESIZES = ("torch", "release")
 
 
 def linear_resize(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -271,8 +270,6 @@ def window_boxes(h: int, w: int, window: int, stride: int, tiling: str = "fit") 
     return [(y, x) for y in ys for x in xs]
 
 
-#: how a window is resized to the CLIP input: torch on float tensors (the project) or PIL on uint8 (the release)
-WINDOW_RESIZES = ("torch", "release")
 
 
 def _pil_bicubic(crops: torch.Tensor, input_size: int) -> torch.Tensor:
