@@ -35,17 +35,21 @@ test: venv
 reproduce: venv
 	$(PY) -m reclip_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(DATASET),--dataset $(DATASET),)
 
-# The toy world (both presets) and the toy CLIPs. The weights are committed with their sha256,
-# so `make reproduce` never retrains; these targets rebuild them (about 13 min each on 2 free cores,
-# bf16 autocast; the third is the biased recipe's second seed).
+# The toy worlds and the toy CLIPs. The weights are committed with their sha256, so `make
+# reproduce` never retrains; these targets rebuild them (about 13 min each on 2 free cores, bf16
+# autocast; the third is the biased recipe's second seed; the known-answer world's CLIP, patch 4
+# with region-caption pairs, 21 min).
 toy-world: venv
 	$(PY) -m data_prep.toyworld --preset biased
 	$(PY) -m data_prep.toyworld --preset uniform
+	$(PY) -m data_prep.toyworld --preset known
 
 toy-clip: toy-world
 	$(PY) -m data_prep.pretrain_toy_clip --preset biased
 	$(PY) -m data_prep.pretrain_toy_clip --preset uniform
 	$(PY) -m data_prep.pretrain_toy_clip --preset biased --seed 1 --out reclip_core/pretrained/toy_clip_biased_seed1
+	$(PY) -m data_prep.pretrain_toy_clip --preset known --config reclip_core/configs/toy_clip_known.json \
+		--batch-size 64 --steps 1400 --region-weight 1.0
 
 # Re-execute the notebooks in place so their committed outputs (checked by nbval) are refreshed.
 notebooks: venv

@@ -14,10 +14,11 @@ metrics measured at the end (image-level zero-shot accuracy; MaskCLIP dense mIoU
     python -m data_prep.pretrain_toy_clip --preset biased          # `make toy-clip`
     python -m data_prep.pretrain_toy_clip --preset uniform
 
-Two extra losses for trials, off by default (the committed weights were pretrained without them;
-docs/training.md has what they gave): ``--dense-weight`` contrasts the image's mean MaskCLIP dense
+Two extra losses, off by default: ``--dense-weight`` contrasts the image's mean MaskCLIP dense
 feature with its caption; ``--region-weight`` classifies one object's box-pooled dense feature
-against the class captions (region-caption pairs).
+against the class captions (region-caption pairs). The toy CLIPs of the biased and uniform worlds
+were pretrained without them; the known-answer world's (``--preset known``, patch 4, ``make
+toy-clip`` has its command) with ``--region-weight 1``.
 """
 from __future__ import annotations
 

@@ -165,10 +165,17 @@ def _pooled_embedding(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _project(clip, x[:, 0])
 
 
-def _dense_tokens(clip: nn.Module, last: nn.Module, x: torch.Tensor, ln_eps: Optional[float]) -> torch.Tensor:
+def _dense_tokens(clip: nn.Module, last: nn.Module, x: torch.Tensor, ln_eps: Optional[float],
+                  hw: Tuple[int, int]) -> torch.Tensor:
     """MaskCLIP dense features [B, h*w, D], L2-normalised, from the tokens entering the last block."""
     d = _value_path(last, x[:, 1:], ln_eps)  # the class token does not influence patches here
-    return F.normalize(_project(clip, d), dim=-1)
+    feat = F.normalize(_project(clip, d), dim=-1)
+    planted = getattr(clip.visual, "planted_bias", None)
+    if planted is not None and planted.where == "features":
+        # the toy CLIP's known bias (planted_bias.py): added after the normalisation, so the cosine
+        # logits move by exactly the planted map
+        feat = feat + planted.feature_offset(hw).to(feat)
+    return feat
 
 
 def image_and_dense_features(
@@ -182,7 +189,7 @@ def image_and_dense_features(
     CLIP's pretraining losses on dense features."""
     x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
     image = F.normalize(_pooled_embedding(clip, _block(last, x, ln_eps)), dim=-1)
-    return image, _dense_tokens(clip, last, x, ln_eps), hw
+    return image, _dense_tokens(clip, last, x, ln_eps, hw), hw
 
 
 def encode_image_cls(
@@ -212,13 +219,16 @@ def dense_features(
 ) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """MaskCLIP-style dense features → (feat [B, D, h, w] L2-normalised per patch, (h, w)).
 
+    A CLIP carrying a planted bias (``clip.visual.planted_bias``, the toy lab's known-answer CLIP)
+    has its offset added after the normalisation.
+
     All blocks but the last run normally; in the last one each token passes through the value
     and output projections only (no query–key mixing), then the MLP, ``ln_post`` and the visual
     projection (method.md §1). ``ln_eps`` overrides the blocks' LayerNorm eps (the release uses
     1e-6); ``cls_token`` replaces the class embedding (a tensor or a path to one).
     """
     x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
-    feat = _dense_tokens(clip, last, x, ln_eps)  # [B, h*w, D]
+    feat = _dense_tokens(clip, last, x, ln_eps, hw)  # [B, h*w, D]
     B = feat.shape[0]
     return feat.transpose(1, 2).reshape(B, -1, hw[0], hw[1]), hw
 

@@ -70,11 +70,11 @@ def _run_dir(cfg) -> Path:
 def _load_clip(cfg):
     import torch
 
-    from .clip_loading import load_clip
+    from .run_inputs import load_config_clip
 
     if cfg.clip.pretrained is None:
         torch.manual_seed(cfg.seed)  # a random CLIP: the same one `train` and `evaluate` build
-    return load_clip(cfg.clip.arch, cfg.clip.pretrained, device=cfg.device)
+    return load_config_clip(cfg, cfg.device)
 
 
 def cmd_hypothesis(args, cfg) -> int:

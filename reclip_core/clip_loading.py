@@ -47,6 +47,11 @@ def clip_fingerprint(clip: nn.Module) -> str:
               getattr(visual, "class_embedding", None), getattr(clip, "text_projection", None)):
         if isinstance(t, torch.Tensor):
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    planted = getattr(visual, "planted_bias", None)
+    if planted is not None:  # a planted bias (planted_bias.py) changes the dense features: no shared caches
+        digest.update(planted.where.encode())
+        for t in planted.state_dict().values():
+            digest.update(t.detach().double().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -71,7 +76,9 @@ def load_clip(
     - ``arch=<path to an open_clip model-config .json>``: a custom (e.g. small) architecture.
     - ``arch="toy"``: the toy world's small CLIP (``pretrained`` ``"openai"``/``"biased"`` → the
       committed default weights, ``"uniform"`` → the uniformly pretrained ones, ``"biased_seed1"`` →
-      a second pretraining seed of the default, a folder → weights there, ``None`` → random).
+      a second pretraining seed of the default, ``"known"`` → the known-answer world's CLIP, a
+      folder → weights there, ``None`` → random). A config's ``clip.planted_bias`` is added by
+      ``run_inputs.load_config_clip``.
     """
     import open_clip  # lazy: ~2.7 s beyond torch to import; readers and CLI messages never need it
 
@@ -128,12 +135,13 @@ def load_clip(
 def _toy_weights_dir(pretrained: str) -> Optional[Path]:
     if pretrained in ("openai", "biased", "toy"):
         return None  # load_toy_clip's default: the committed, biased-pretrained weights
-    if pretrained in ("uniform", "biased_seed1"):  # biased_seed1: the second pretraining seed
-        return Path(__file__).parent / "pretrained" / f"toy_clip_{pretrained}"
+    committed = Path(__file__).parent / "pretrained" / f"toy_clip_{pretrained}"
+    if "/" not in pretrained and committed.is_dir():  # uniform, biased_seed1 (second seed), known
+        return committed
     path = Path(pretrained)
     if not path.exists():
         raise FileNotFoundError(
-            f"Toy CLIP weights {path} not found. Use pretrained='biased', 'uniform' or 'biased_seed1' "
+            f"Toy CLIP weights {path} not found. Use pretrained='biased', 'uniform', 'biased_seed1' or 'known' "
             "(committed), or rebuild them with `make toy-clip`."
         )
     return path

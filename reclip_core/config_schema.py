@@ -88,6 +88,8 @@ class ClipConfig:
     ln_eps: Optional[float] = key(None, "LayerNorm eps in the visual blocks (release: 1e-6)")
     # a release option: a stored class token replaces CLIP's own class embedding
     cls_token: Optional[str] = key(None, "path to a class-token tensor (release option)")
+    # the known-answer toy world: a bias of known amplitudes added to the toy CLIP's dense features
+    planted_bias: Optional[str] = key(None, "toy CLIP only: planted-bias spec name or YAML (planted_bias.py; None: none)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,13 +35,13 @@ from . import diagnostics, evaluation, hypothesis, result_files  # noqa: E402  (
 from .atomic_io import StaleFileError, move_aside  # noqa: E402
 from .benchmark_report import bias_table, compare_to_reference, headline, reference_numbers  # noqa: E402
 from .checkpoint import load_model_weights  # noqa: E402
-from .clip_loading import load_clip, resolve_device  # noqa: E402
+from .clip_loading import resolve_device  # noqa: E402
 from .config import Config, _unknown, load_config, valid_keys  # noqa: E402
 from .eval_report import EvalReport  # noqa: E402
 from .model_factory import build_model  # noqa: E402
 from .paths import RESULTS_DIR  # noqa: E402
 from .profiles import check_parameters, config_name  # noqa: E402
-from .run_inputs import build_dataset, resolve_class_names, resolve_templates  # noqa: E402
+from .run_inputs import build_dataset, load_config_clip, resolve_class_names, resolve_templates  # noqa: E402
 from .text import text_embeddings  # noqa: E402
 from .training import train  # noqa: E402
 
@@ -90,7 +90,7 @@ class Lab:
     def clip(self) -> nn.Module:
         if self.cfg["clip"]["pretrained"] is None:
             torch.manual_seed(self.seed)  # a random CLIP must be the same in every notebook
-        return load_clip(self.cfg["clip"]["arch"], self.cfg["clip"]["pretrained"], device=self.device)
+        return load_config_clip(self.cfg, self.device)
 
     @cached_property
     def class_names(self) -> List[str]:
@@ -188,14 +188,15 @@ class Lab:
         return model.eval()
 
     def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False,
-                 name: Optional[str] = None) -> EvalReport:
-        """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head."""
+                 name: Optional[str] = None, accumulators: Optional[Mapping[str, Sequence[Any]]] = None) -> EvalReport:
+        """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head;
+        ``accumulators``: further measurements per head (``evaluation.evaluate``)."""
         t0 = time.perf_counter()
         report = evaluation.evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"],
                                      self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
                                      progress=progress, bias_grid=bias_grid, examples=examples,
                                      pd_scale=self.cfg["pd_scale"], upsampling=self.cfg["eval_upsampling"],
-                                     resize=self.cfg["test_resize"])
+                                     resize=self.cfg["test_resize"], accumulators=accumulators)
         self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 

@@ -82,7 +82,12 @@ class _CLIPSegmenter(nn.Module):
             if images is None:
                 raise ValueError("pass images [B, 3, H, W] (or precomputed dense features feat=[B, D, h, w]).")
             feat, _ = self.features(images)
-        return feat, clip_logits(feat, self.text)
+        logits = clip_logits(feat, self.text)
+        planted = getattr(self.clip.visual, "planted_bias", None)
+        if planted is not None and planted.where == "logits":
+            # the known-answer lab's diagnostic (planted_bias.py): the bias in the logits, features clean
+            logits = logits + planted.logit_map(tuple(feat.shape[-2:])).to(logits)
+        return feat, logits
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

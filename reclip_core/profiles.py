@@ -9,8 +9,11 @@ from .datasets.names import BENCHMARK_NAMES
 PROFILES = ("toy", "paper")
 PAPER_DATASETS = BENCHMARK_NAMES
 DEFAULT_DATASET = {"toy": "toyworld", "paper": "voc"}
-#: the config a profile runs with; the paper profile uses the dataset's own config (voc.yaml, ...)
-PROFILE_CONFIG = {"toy": "toy"}
+#: the toy profile's worlds: ``toyworld`` (its CLIP learned its biases from biased pretraining data)
+#: and ``known`` (the known-answer world: a bias of known amplitudes planted in its CLIP)
+TOY_DATASETS = ("toyworld", "known")
+#: the config a (profile, dataset) runs with; the paper profile uses the dataset's own (voc.yaml, ...)
+PROFILE_CONFIG = {("toy", "toyworld"): "toy", ("toy", "known"): "toy_known"}
 
 
 def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
@@ -18,7 +21,7 @@ def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}.")
     dataset = dataset or DEFAULT_DATASET[profile]
-    valid = ("toyworld",) if profile == "toy" else PAPER_DATASETS
+    valid = TOY_DATASETS if profile == "toy" else PAPER_DATASETS
     if dataset not in valid:
         raise ValueError(f"dataset {dataset!r} is not part of profile {profile!r}; valid: {', '.join(valid)}.")
     if device not in ("auto", "cpu"):  # only these need no torch import (seconds) to be checked
@@ -30,7 +33,8 @@ def check_parameters(profile: str, dataset: Optional[str], device: str) -> str:
 
 def config_name(profile: str, dataset: str) -> str:
     """The config file (``configs/<name>.yaml``) a profile/dataset pair runs with."""
-    return PROFILE_CONFIG.get(profile, dataset)
+    return PROFILE_CONFIG.get((profile, dataset), dataset)
 
 
-__all__ = ("PROFILES", "PAPER_DATASETS", "DEFAULT_DATASET", "PROFILE_CONFIG", "check_parameters", "config_name")
+__all__ = ("PROFILES", "PAPER_DATASETS", "TOY_DATASETS", "DEFAULT_DATASET", "PROFILE_CONFIG", "check_parameters",
+           "config_name")

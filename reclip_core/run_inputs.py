@@ -5,10 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Mapping, Tuple
 
+from torch import nn
+
+from .clip_loading import load_clip
 from .datasets import get_dataset
 from .datasets.class_lists import DATASETS, class_names, read_class_file
 from .datasets.toyworld_presets import toyworld_class_names
+from .planted_bias import plant_bias
 from .text import PROMPT_TEMPLATES, validate_class_names
+
+
+def load_config_clip(cfg: Mapping[str, Any], device: Any) -> nn.Module:
+    """The frozen CLIP a config names (``clip.arch``, ``clip.pretrained``), carrying the planted
+    bias ``clip.planted_bias`` when it names one (toy CLIP only)."""
+    clip_cfg = cfg["clip"]
+    planted = clip_cfg.get("planted_bias")
+    if planted is not None and clip_cfg["arch"] != "toy":
+        raise ValueError(f"clip.planted_bias is a toy-CLIP option (clip.arch 'toy'), not for {clip_cfg['arch']!r}; "
+                         "set it to null.")
+    clip = load_clip(clip_cfg["arch"], clip_cfg["pretrained"], device=device)
+    return clip if planted is None else plant_bias(clip, planted)
 
 
 def resolve_class_names(cfg: Mapping[str, Any]) -> List[str]:

@@ -28,7 +28,7 @@ from torch import nn
 from .lab import recompute_if_stale, seed_everything  # first: its warning filter precedes open_clip's import
 from . import plots, result_files
 from .checkpoint import load_model_weights
-from .clip_loading import load_clip, resolve_device
+from .clip_loading import resolve_device
 from .config import Config, load_config
 from .datasets.folder import LABELS_DIR, scan_images
 from .datasets.toyworld_export import export_toy_folder
@@ -39,7 +39,7 @@ from .hypothesis import hypotheses_from_config, hypothesis_stats
 from .model_factory import build_model
 from .paths import RESULTS_DIR, ROOT
 from .profiles import check_parameters
-from .run_inputs import resolve_class_names, resolve_templates
+from .run_inputs import load_config_clip, resolve_class_names, resolve_templates
 from .run_lock import run_folder_lock
 from .segment_folder import FolderResult, segment_folder
 from .training import train
@@ -76,7 +76,7 @@ class FolderLab:
 
     @cached_property
     def clip(self) -> nn.Module:
-        return load_clip(self.cfg["clip"]["arch"], self.cfg["clip"]["pretrained"], device=self.device)
+        return load_config_clip(self.cfg, self.device)
 
     @cached_property
     def class_names(self) -> List[str]:

@@ -1,0 +1,185 @@
+"""The planted bias of the known-answer toy CLIP and the recovery metric."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reclip_core.backbone import dense_features, encode_image_cls
+from reclip_core.bias_recovery import bias_recovery
+from reclip_core.clip_loading import clip_fingerprint
+from reclip_core.planted_bias import PlantedBias, load_spec, plant_bias, planted_bias_from_spec, planted_map
+from reclip_core.rectify import clip_logits
+from reclip_core.run_inputs import load_config_clip
+from reclip_core.text import PROMPT_TEMPLATES, text_embeddings
+from reclip_core.toy_clip import build_toy_clip
+
+
+def _random_toy_clip(seed: int = 0):
+    torch.manual_seed(seed)
+    clip = build_toy_clip().eval()
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    return clip
+
+
+def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------- the planted map
+def test_planted_map_equals_its_definition_on_hand_made_inputs():
+    text = torch.eye(3, 4)  # three orthonormal class texts in D = 4
+    planted = PlantedBias(text, class_preference=torch.tensor([0.1, 0.0, -0.2]),
+                          amplitude=torch.tensor([0.0, 0.5, 0.0]),
+                          centre=torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]),
+                          sigma=torch.tensor([1.0, 0.2, 1.0]))
+    bmap = planted.logit_map((2, 4))  # token centres x ∈ {1/8, 3/8, 5/8, 7/8}, y ∈ {1/4, 3/4}
+    assert bmap.shape == (3, 2, 4)
+    assert torch.allclose(bmap[0], torch.full((2, 4), 0.1))
+    assert torch.allclose(bmap[2], torch.full((2, 4), -0.2))
+    # class 1 at (x, y) = (3/8, 3/4): distance² to (1/4, 3/4) = 1/64
+    assert bmap[1, 1, 1].item() == pytest.approx(0.5 * math.exp(-(1 / 64) / (2 * 0.04)), abs=1e-7)
+    # (x, y) = (7/8, 1/4): distance² = (5/8)² + (1/2)²
+    assert bmap[1, 0, 3].item() == pytest.approx(0.5 * math.exp(-((5 / 8) ** 2 + 0.25) / 0.08), abs=1e-7)
+    # its offset moves each class text's score by exactly the map
+    offset = planted.feature_offset((2, 4))  # [h*w, D]
+    assert torch.allclose(offset @ text.T, bmap.flatten(1).T, atol=1e-6)
+
+
+def test_offset_is_exact_for_correlated_class_texts():
+    gen = torch.Generator().manual_seed(3)
+    text = torch.nn.functional.normalize(torch.randn(5, 16, generator=gen) + 2.0, dim=-1)  # cosines ≈ 0.8
+    planted = PlantedBias(text, torch.linspace(-0.1, 0.1, 5), torch.full((5,), 0.3),
+                          torch.rand(5, 2, generator=gen), torch.full((5,), 0.3))
+    offset = planted.feature_offset((6, 7))
+    assert torch.allclose(offset @ text.T, planted.logit_map((6, 7)).flatten(1).T, atol=1e-5)
+
+
+def test_dependent_class_texts_are_refused():
+    text = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="linearly dependent"):
+        PlantedBias(text, torch.zeros(2), torch.zeros(2), torch.zeros(2, 2), torch.ones(2))
+
+
+def test_planted_clip_logits_move_by_exactly_the_map():
+    plain = _random_toy_clip()
+    planted = plant_bias(_random_toy_clip(), "known")
+    x = _images()
+    text = text_embeddings(plain, planted.planted_bias_names, PROMPT_TEMPLATES)
+    f0, hw = dense_features(plain, x)
+    f1, _ = dense_features(planted, x)
+    moved = clip_logits(f1, text) - clip_logits(f0, text)  # [B, C, h, w]
+    bmap = planted_map(planted, hw)
+    assert bmap.shape[0] == len(planted.planted_bias_names) == 10 and bmap.abs().max() > 0.05
+    assert torch.allclose(moved, bmap.expand_as(moved), atol=1e-5)
+
+
+def test_zero_amplitude_leaves_the_clip_unchanged():
+    plain = _random_toy_clip()
+    zero = plant_bias(_random_toy_clip(), "known", scale=0.0)
+    x = _images()
+    assert torch.equal(dense_features(plain, x)[0], dense_features(zero, x)[0])
+
+
+def test_class_token_path_is_untouched():
+    plain = _random_toy_clip()
+    planted = plant_bias(_random_toy_clip(), "known")
+    x = _images()
+    assert torch.equal(encode_image_cls(plain, x), encode_image_cls(planted, x))
+    assert torch.equal(plain.encode_image(x), planted.encode_image(x))
+    assert not torch.equal(dense_features(plain, x)[0], dense_features(planted, x)[0])
+
+
+def test_a_planted_bias_changes_the_clip_fingerprint():
+    plain, planted = _random_toy_clip(), plant_bias(_random_toy_clip(), "known")
+    half = plant_bias(_random_toy_clip(), "known", scale=0.5)
+    assert len({clip_fingerprint(plain), clip_fingerprint(planted), clip_fingerprint(half)}) == 3
+
+
+def test_spec_errors_say_what_to_fix(tmp_path):
+    with pytest.raises(ValueError, match="unknown planted-bias spec"):
+        load_spec("nonesuch")
+    bad = dict(load_spec("known"), space_preference={"red circle": {"amplitude": 1.0, "centre": [0.5]}})
+    with pytest.raises(ValueError, match="centre"):
+        load_spec(bad)
+    spec = dict(load_spec("known"), class_preference={"green square": 0.1})
+    with pytest.raises(ValueError, match="green square"):
+        planted_bias_from_spec(spec, ["red circle", "blue star"], torch.eye(2, 4))
+    with pytest.raises(ValueError, match="toy-CLIP option"):
+        load_config_clip({"clip": {"arch": "ViT-B-16", "pretrained": None, "planted_bias": "known"}}, "cpu")
+
+
+# ---------------------------------------------------------------------------------- recovery
+def _planted_example() -> torch.Tensor:
+    text = torch.eye(4, 8)
+    planted = PlantedBias(text, torch.tensor([0.1, -0.05, 0.0, 0.0]), torch.tensor([0.0, 0.3, 0.2, 0.0]),
+                          torch.tensor([[0.5, 0.5], [0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]), torch.full((4,), 0.3))
+    return planted.logit_map((8, 8))
+
+
+def test_recovery_is_one_for_the_planted_map_plus_a_per_position_constant():
+    bmap = _planted_example()
+    per_position = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    r = bias_recovery(bmap + per_position, bmap, ["a", "b", "c", "d"])
+    assert r.overall == pytest.approx(1.0, abs=1e-9)
+    assert r.scale == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(r.per_class["recovery"], 1.0, atol=1e-9)
+    half = bias_recovery(0.5 * bmap, bmap)
+    assert half.overall == pytest.approx(1.0, abs=1e-9) and half.scale == pytest.approx(0.5, abs=1e-6)
+
+
+def test_recovery_of_an_unrelated_map_is_near_zero():
+    bmap = _planted_example()
+    gen = torch.Generator().manual_seed(1)
+    scores = [bias_recovery(torch.randn(4, 8, 8, generator=gen), bmap).overall for _ in range(20)]
+    assert abs(float(np.mean(scores))) < 0.1 and max(abs(s) for s in scores) < 0.35
+    assert bias_recovery(-bmap, bmap).overall == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_recovery_refuses_maps_of_other_shapes():
+    with pytest.raises(ValueError, match=r"\[C, h, w\]"):
+        bias_recovery(torch.zeros(4, 8, 7), _planted_example())
+
+
+def test_bias_in_the_logits_only_moves_the_logits_and_leaves_the_features_clean():
+    from reclip_core.model import MaskCLIP
+
+    plain = _random_toy_clip()
+    in_features = plant_bias(_random_toy_clip(), "known")
+    in_logits = plant_bias(_random_toy_clip(), "known", where="logits")
+    names = in_features.planted_bias_names
+    x = _images()
+    assert torch.equal(dense_features(plain, x)[0], dense_features(in_logits, x)[0])
+    text = text_embeddings(plain, names, PROMPT_TEMPLATES)
+    out_f = MaskCLIP(in_features, names, text=text)(images=x)
+    out_l = MaskCLIP(in_logits, names, text=text)(images=x)
+    assert torch.allclose(out_f["clip_logits"], out_l["clip_logits"], atol=1e-5)
+    assert not torch.allclose(out_f["feat"], out_l["feat"])
+    assert clip_fingerprint(in_features) != clip_fingerprint(in_logits)
+    with pytest.raises(ValueError, match="where"):
+        plant_bias(_random_toy_clip(), "known", where="pixels")
+
+
+# ---------------------------------------------------------------------------------- the known world
+def test_the_known_answer_config_loads_the_known_clip_with_its_planted_bias():
+    from reclip_core.config import load_config
+    from reclip_core.datasets.toyworld_presets import toyworld_class_names
+    from reclip_core.profiles import check_parameters, config_name
+
+    assert check_parameters("toy", "known", "cpu") == "known"
+    assert config_name("toy", "known") == "toy_known" and config_name("toy", "toyworld") == "toy"
+    cfg = load_config("toy_known")
+    assert cfg["clip"]["planted_bias"] == "known" and cfg["dataset_kwargs"]["preset"] == "known"
+    assert load_config("toy")["clip"]["planted_bias"] is None
+    clip = load_config_clip(cfg, "cpu")
+    assert clip.toy_manifest["preset"] == "known"
+    assert clip.visual.patch_size == (4, 4) and clip.visual.grid_size == (16, 16)
+    assert clip.planted_bias_names == toyworld_class_names("known")
+    bmap = planted_map(clip, (16, 16))
+    spec = load_spec("known")
+    for name, value in spec["class_preference"].items():  # a class with no bump is its preference everywhere
+        if name not in spec["space_preference"]:
+            assert torch.allclose(bmap[clip.planted_bias_names.index(name)], torch.tensor(float(value)))
