@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
@@ -159,15 +160,47 @@ def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor],
             if r == 0:
                 ax.set_title(names[c], fontsize=7)
             if c == 0:
-                ax.set_ylabel(label, fontsize=7)
+                ax.set_ylabel(textwrap.fill(label, 18), fontsize=6)
     fig.suptitle("bias maps centred over classes (red: favoured; each row on its own scale)", fontsize=8)
     write_figure(path.parent, fig, path.stem)
     plt.close(fig)
     return path
 
 
-DIAGNOSTICS = {"ReCLIP++ (CLIP without the planted bias)": ("unbiased", None),
-               "ReCLIP++ (bias planted in the logits only)": ("logits_only", "logits")}
+#: multiples of the planted amplitudes the training-free sweep measures MaskCLIP at
+SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+
+
+def amplitude_sweep(biased: Lab, unbiased: Lab, scales: Sequence[float] = SWEEP_SCALES) -> pd.DataFrame:
+    """MaskCLIP with the planted amplitudes times each scale: mIoU, and how often true regions
+    (pooled) and their patches are still read right — where the bias flips patches but not regions."""
+    rows = []
+    for scale in scales:
+        clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), biased.cfg["clip"]["planted_bias"],
+                          scale=scale)
+        row = maskclip_row(diagnostic_lab(biased, "sweep", clip), f"amplitude × {scale:g}")
+        rows.append({"amplitude scale": scale, **{k: v for k, v in row.items() if k != "model"}})
+    return pd.DataFrame(rows)
+
+
+def loss_preference(labs: Mapping[str, Lab]) -> pd.DataFrame:
+    """The training loss of fixed segmentations (``diagnostics.loss_preference``: MaskCLIP's argmax,
+    within the hypothesis, the truth) on each lab's CLIP: whether the loss prefers the truth to what
+    the biased CLIP says. Lower = preferred."""
+    tables = []
+    for label, lab in labs.items():
+        table = lab.loss_preference(lab.model("maskclip"))
+        table.columns = [f"loss at {c}" for c in table.columns]  # "scale 100", the CLIP's own scale
+        tables.append(table.reset_index().assign(CLIP=label))
+    out = pd.concat(tables, ignore_index=True)
+    return out[["CLIP"] + [c for c in out.columns if c != "CLIP"]]
+
+
+#: ReCLIP++ trained again: row label -> (results subfolder, where the bias is planted (None: no
+#: bias), multiple of the planted amplitudes)
+DIAGNOSTICS = {"ReCLIP++ (CLIP without the planted bias)": ("unbiased", None, 0.0),
+               "ReCLIP++ (bias planted in the logits only)": ("logits_only", "logits", 1.0),
+               "ReCLIP++ (planted amplitudes × 0.75)": ("amplitude_0.75", "features", 0.75)}
 
 
 def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple(MODELS),
@@ -178,6 +211,7 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
     unbiased = setup("toy", "known", device=device, **{"clip.planted_bias": "null"})
     hw = (biased.cfg["test_size"] // biased.clip.visual.patch_size[0],) * 2
     planted = planted_map(biased.clip, hw).cpu()
+    offset_norm = biased.clip.visual.planted_bias.feature_offset(hw).norm(dim=1)  # [h*w]
     rows = [maskclip_row(unbiased, "no planted bias"), maskclip_row(biased, "planted bias")]
     per_class, learned = [], {}
     for label in models:
@@ -188,18 +222,22 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
             if seed == seeds[0]:
                 learned[f"{label} (seed {seed})"] = bmap
     labs = [biased, unbiased]
-    for row_label, (folder, where) in (DIAGNOSTICS.items() if diagnostics else ()):
+    sweep = amplitude_sweep(biased, unbiased)
+    for row_label, (folder, where, scale) in (DIAGNOSTICS.items() if diagnostics else ()):
         clip = unbiased.clip if where is None else plant_bias(load_config_clip(unbiased.cfg, unbiased.device),
-                                                               biased.cfg["clip"]["planted_bias"], where=where)
+                                                               biased.cfg["clip"]["planted_bias"], scale, where)
         lab = diagnostic_lab(biased, folder, clip)
         labs.append(lab)
+        own_map = planted if where is None else planted_map(clip, hw).cpu()  # this CLIP's own B*
         for seed in seeds:
-            row, rec, bmap = trained_row(lab, "ReCLIP++", seed, planted, row_label)
+            row, rec, bmap = trained_row(lab, "ReCLIP++", seed, own_map, row_label)
             rows.append(row if where is not None else dict(row, recovery=np.nan, **{"recovery scale": np.nan}))
             if where is not None:
                 per_class.append(rec)
                 if seed == seeds[0]:
                     learned[f"{row_label} (seed {seed})"] = bmap
+    preference = loss_preference({"no planted bias": unbiased, "planted bias": biased,
+                                  **({"bias in the logits only": labs[3]} if diagnostics else {})})
     table = pd.DataFrame(rows)
     summary = summarise(table)
     out = biased.results
@@ -209,14 +247,22 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
     if per_class:
         biased.save_table(pd.concat(per_class, ignore_index=True), "known_answer_recovery_per_class",
                           floatfmt=".3f", title="Bias recovery per class (correlation with the planted map)")
+    biased.save_table(preference, "known_answer_loss_preference", floatfmt=".3f",
+                      title="Training loss of fixed segmentations (lower = preferred by the loss)")
+    biased.save_table(sweep, "known_answer_amplitude_sweep", floatfmt=".3f",
+                      title="MaskCLIP with the planted amplitudes scaled (training-free)")
     save_maps_figure(planted, learned, biased.class_names, out / "known_answer_maps.png")
     goals = goal_lines(summary)
     biased.save_json({"seeds": list(seeds), "models": list(models), "goals": goals,
                       "clip": {"biased": clip_fingerprint(biased.clip), "unbiased": clip_fingerprint(unbiased.clip)},
                       "planted_bias": biased.clip.planted_bias_spec, "grid": list(hw),
+                      # the planted component's size beside the unit-norm dense features it is added to
+                      "planted_offset_norm": {"mean": float(offset_norm.mean()), "min": float(offset_norm.min()),
+                                              "max": float(offset_norm.max())},
                       "timings_s": [lab.timings for lab in labs], "wall_s": round(time.perf_counter() - t0, 1)},
                      "known_answer")
-    return {"runs": table, "summary": summary, "goals": goals, "planted": planted, "learned": learned}
+    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "goals": goals, "planted": planted,
+            "learned": learned}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -183,3 +183,45 @@ def test_the_known_answer_config_loads_the_known_clip_with_its_planted_bias():
     for name, value in spec["class_preference"].items():  # a class with no bump is its preference everywhere
         if name not in spec["space_preference"]:
             assert torch.allclose(bmap[clip.planted_bias_names.index(name)], torch.tensor(float(value)))
+
+
+# ---------------------------------------------------------------------------------- the lab's tables
+def _summary_rows(reclip_miou):
+    import pandas as pd
+
+    rows = [{"model": "MaskCLIP (no planted bias)", "seed": None, "mIoU": 70.0, "class TVD": 0.1, "space TVD": 0.1},
+            {"model": "MaskCLIP (planted bias)", "seed": None, "mIoU": 50.0, "class TVD": 0.2, "space TVD": 0.3}]
+    rows += [{"model": "ReCLIP++", "seed": s, "mIoU": m, "class TVD": 0.08, "space TVD": 0.2, "recovery": 0.9}
+             for s, m in enumerate(reclip_miou)]
+    return pd.DataFrame(rows)
+
+
+def test_summary_takes_mean_and_sd_over_seeds():
+    from reclip_core.known_answer import summarise
+
+    by = summarise(_summary_rows([60.0, 62.0, 64.0])).set_index("model")
+    assert by.loc["ReCLIP++", "mIoU"] == pytest.approx(62.0) and by.loc["ReCLIP++", "mIoU sd"] == pytest.approx(2.0)
+    assert by.loc["ReCLIP++", "runs"] == 3 and by.loc["MaskCLIP (planted bias)", "runs"] == 1
+    assert by.loc["MaskCLIP (planted bias)", "mIoU sd"] == 0.0
+
+
+def test_goals_are_met_or_missed_on_the_measured_numbers():
+    from reclip_core.known_answer import goal_lines, summarise
+
+    met = "\n".join(goal_lines(summarise(_summary_rows([63.0, 64.0, 65.0]))))
+    assert "costs MaskCLIP 20.0 points" in met and "70% of U − B recovered (goal ≥ 60%; met)" in met
+    assert "class TVD 0.080 ± 0.000, 60% below MaskCLIP's (goal ≥ 50%: met)" in met
+    assert "space TVD 0.200 ± 0.000, 33% below MaskCLIP's (goal ≥ 50%: MISSED)" in met
+    missed = "\n".join(goal_lines(summarise(_summary_rows([51.0, 55.0, 59.0]))))
+    assert "25% of U − B recovered (goal ≥ 60%; MISSED)" in missed and "(goal ≥ +10: MISSED)" in missed
+
+
+def test_mean_bias_map_averages_over_images():
+    from types import SimpleNamespace
+
+    from reclip_core.known_answer import MeanBiasMap
+
+    acc = MeanBiasMap()
+    acc.update(SimpleNamespace(outputs={"bias_logits": torch.ones(2, 3, 4, 4)}))
+    acc.update(SimpleNamespace(outputs={"bias_logits": torch.full((1, 3, 4, 4), 4.0)}))
+    assert torch.allclose(acc.mean(), torch.full((3, 4, 4), 2.0, dtype=torch.float64))
