@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .backbone import logit_scale
 from .bias_recovery import bias_recovery, centre_over_classes
 from .clip_loading import clip_fingerprint
 from .eval_scoring import EvalBatch
@@ -95,9 +96,10 @@ def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_labe
 
 
 def diagnostic_lab(biased: Lab, folder: str, clip: torch.nn.Module) -> Lab:
-    """A lab like ``biased`` on another CLIP, writing its runs under ``<results>/<folder>/``."""
+    """A lab like ``biased`` on another CLIP, keeping its hypotheses and runs under
+    ``<results>/runs/<folder>/`` (caches: not committed)."""
     lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
-    lab.results = biased.results / folder
+    lab.results = biased.results / "runs" / folder
     lab.results.mkdir(parents=True, exist_ok=True)
     lab.__dict__["clip"] = clip  # the cached property, set to this CLIP
     return lab
@@ -189,7 +191,8 @@ def loss_preference(labs: Mapping[str, Lab]) -> pd.DataFrame:
     the biased CLIP says. Lower = preferred."""
     tables = []
     for label, lab in labs.items():
-        table = lab.loss_preference(lab.model("maskclip"))
+        # the method's 100 and the toy CLIP's own scale, which configs/toy_known.yaml trains with
+        table = lab.loss_preference(lab.model("maskclip"), score_scales=[100.0, logit_scale(lab.clip)])
         table.columns = [f"loss at {c}" for c in table.columns]  # "scale 100", the CLIP's own scale
         tables.append(table.reset_index().assign(CLIP=label))
     out = pd.concat(tables, ignore_index=True)
@@ -209,6 +212,8 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
     t0 = time.perf_counter()
     biased = setup("toy", "known", device=device)
     unbiased = setup("toy", "known", device=device, **{"clip.planted_bias": "null"})
+    unbiased.results = biased.results / "runs" / "unbiased"  # its own hypotheses: another CLIP fingerprint
+    unbiased.results.mkdir(parents=True, exist_ok=True)
     hw = (biased.cfg["test_size"] // biased.clip.visual.patch_size[0],) * 2
     planted = planted_map(biased.clip, hw).cpu()
     offset_norm = biased.clip.visual.planted_bias.feature_offset(hw).norm(dim=1)  # [h*w]
