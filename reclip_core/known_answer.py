@@ -212,8 +212,8 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
     t0 = time.perf_counter()
     biased = setup("toy", "known", device=device)
     unbiased = setup("toy", "known", device=device, **{"clip.planted_bias": "null"})
-    unbiased.results = biased.results / "runs" / "unbiased"  # its own hypotheses: another CLIP fingerprint
-    unbiased.results.mkdir(parents=True, exist_ok=True)
+    unbiased.results = biased.results / "runs" / DIAGNOSTICS["ReCLIP++ (CLIP without the planted bias)"][0]
+    unbiased.results.mkdir(parents=True, exist_ok=True)  # its own hypotheses: another CLIP fingerprint
     hw = (biased.cfg["test_size"] // biased.clip.visual.patch_size[0],) * 2
     planted = planted_map(biased.clip, hw).cpu()
     offset_norm = biased.clip.visual.planted_bias.feature_offset(hw).norm(dim=1)  # [h*w]
@@ -228,11 +228,16 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
                 learned[f"{label} (seed {seed})"] = bmap
     labs = [biased, unbiased]
     sweep = amplitude_sweep(biased, unbiased)
+    by_folder = {}
     for row_label, (folder, where, scale) in (DIAGNOSTICS.items() if diagnostics else ()):
-        clip = unbiased.clip if where is None else plant_bias(load_config_clip(unbiased.cfg, unbiased.device),
-                                                               biased.cfg["clip"]["planted_bias"], scale, where)
-        lab = diagnostic_lab(biased, folder, clip)
-        labs.append(lab)
+        if where is None:  # ReCLIP++ on the clean CLIP: the unbiased lab itself
+            lab = unbiased
+        else:
+            clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), biased.cfg["clip"]["planted_bias"],
+                              scale, where)
+            lab = diagnostic_lab(biased, folder, clip)
+            labs.append(lab)
+        by_folder[folder] = lab
         own_map = planted if where is None else planted_map(clip, hw).cpu()  # this CLIP's own B*
         for seed in seeds:
             row, rec, bmap = trained_row(lab, "ReCLIP++", seed, own_map, row_label)
@@ -242,7 +247,7 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
                 if seed == seeds[0]:
                     learned[f"{row_label} (seed {seed})"] = bmap
     preference = loss_preference({"no planted bias": unbiased, "planted bias": biased,
-                                  **({"bias in the logits only": labs[3]} if diagnostics else {})})
+                                  **({"bias in the logits only": by_folder["logits_only"]} if diagnostics else {})})
     table = pd.DataFrame(rows)
     summary = summarise(table)
     out = biased.results
@@ -266,8 +271,8 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
                                               "max": float(offset_norm.max())},
                       "timings_s": [lab.timings for lab in labs], "wall_s": round(time.perf_counter() - t0, 1)},
                      "known_answer")
-    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "goals": goals, "planted": planted,
-            "learned": learned}
+    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "goals": goals,
+            "planted": planted, "learned": learned}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-diagnostics", action="store_true", help="skip the two diagnostic ReCLIP++ rows")
+    ap.add_argument("--no-diagnostics", action="store_true", help="skip the diagnostic ReCLIP++ rows and the loss-preference table's logits-only CLIP")
     args = ap.parse_args(argv)
     result = run_known_answer(args.seeds, args.models, args.device, diagnostics=not args.no_diagnostics)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
