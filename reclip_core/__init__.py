@@ -34,7 +34,8 @@ _SUBMODULES = ("backbone", "clip_loading", "text", "reference_prompt", "position
                "markdown", "bias_lab_report",
                "checkpoint", "config", "transforms", "segment", "lab", "plots", "toy_lab", "toy_clip",
                "datasets", "reproduce", "paths", "profiles", "palette", "result_files", "benchmark_report",
-               "options", "config_schema", "run_inputs", "run_lock", "result_tables", "spread")
+               "options", "config_schema", "run_inputs", "run_lock", "result_tables", "spread", "planted_bias",
+               "bias_recovery", "known_answer", "known_answer_diagnostics")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -10,16 +10,16 @@ recovery of the planted map by its learned bias map (``bias_recovery``; the mean
 ``bias_logits`` over the val images, which for ReCLIP++ is the image-independent map itself).
 MaskCLIP's readout of true regions (pooled) and of their patches, with and without the bias, says
 whether the bias flips patches but not regions — the condition under which the loss, which scores
-pooled features, can see past it. Two diagnostic rows train ReCLIP++ again: on the CLIP without
-the planted bias (what the method does to a clean CLIP), and with the bias planted in the logits
-only (``planted_bias``, ``where="logits"``: the loss pools clean features), which separates "the
-loss reads the bias" from "the optimisation fails".
+pooled features, can see past it. ``make reproduce`` runs this lab after the notebooks; the
+diagnostic runs that explain its misses are in ``known_answer_diagnostics``.
 
-    python -m reclip_core.known_answer            # results/toy/known/known_answer.{md,csv,json,png}
+    python -m reclip_core.known_answer                 # results/toy/known/known_answer.{md,csv,json,png}
+    python -m reclip_core.known_answer_diagnostics     # known_answer_diagnostics.* (longer)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 import time
@@ -31,14 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbone import logit_scale
 from .bias_recovery import bias_recovery, centre_over_classes
 from .clip_loading import clip_fingerprint
 from .eval_scoring import EvalBatch
 from .lab import Lab, setup
-from .planted_bias import plant_bias, planted_map
+from .planted_bias import planted_map
 from .result_files import write_figure
-from .run_inputs import load_config_clip
 from .toy_lab import RegionReadout
 
 #: the trained models: label -> (model kind, config overrides, the head scored)
@@ -80,11 +78,22 @@ def maskclip_row(lab: Lab, label: str) -> Dict[str, Any]:
             "regions read %": 100 * result.region_accuracy, "patches read %": 100 * result.patch_accuracy}
 
 
+def train_model(lab: Lab, label: str, seed: int) -> torch.nn.Module:
+    """The lab's model ``label`` (a key of :data:`MODELS`) trained at ``seed`` on ``lab``'s CLIP, in
+    ``runs/<kind>[-rectify]-seed<seed>`` (a finished run is reused: the notebooks and the lab share it)."""
+    kind, overrides, _ = MODELS[label]
+    return lab.train(run_name(label, seed), kind=kind, seed=seed, **overrides)
+
+
+def run_name(label: str, seed: int) -> str:
+    kind, overrides, _ = MODELS[label]
+    return f"{kind}{'-rectify' if overrides.get('use_decoder') is False else ''}-seed{seed}"
+
+
 def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_label: str | None = None) -> tuple:
     """Train ``label`` at ``seed`` on ``lab``'s CLIP → (row, per-class recovery, learned map)."""
-    kind, overrides, head = MODELS[label]
-    name = f"{kind}{'-rectify' if overrides.get('use_decoder') is False else ''}-seed{seed}"
-    model = lab.train(name, kind=kind, seed=seed, **overrides)
+    head = MODELS[label][2]
+    model, name = train_model(lab, label, seed), run_name(label, seed)
     mean_map = MeanBiasMap()
     report = lab.evaluate(model, accumulators={head: [mean_map]}, name=name)
     learned = mean_map.mean().float()
@@ -93,16 +102,6 @@ def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_labe
     row = {"model": row_label, "seed": seed, **_scores(lab, report, head), "recovery": rec.overall,
            "recovery scale": rec.scale}
     return row, rec.per_class.assign(model=row_label, seed=seed), learned
-
-
-def diagnostic_lab(biased: Lab, folder: str, clip: torch.nn.Module) -> Lab:
-    """A lab like ``biased`` on another CLIP, keeping its hypotheses and runs under
-    ``<results>/runs/<folder>/`` (caches: not committed)."""
-    lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
-    lab.results = biased.results / "runs" / folder
-    lab.results.mkdir(parents=True, exist_ok=True)
-    lab.__dict__["clip"] = clip  # the cached property, set to this CLIP
-    return lab
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -146,9 +145,9 @@ def goal_lines(summary: pd.DataFrame) -> list:
     return lines
 
 
-def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor], names: Sequence[str],
-                     path: Path) -> Path:
-    """Planted and learned bias maps, centred over classes, class by class (one row each)."""
+def maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor], names: Sequence[str]) -> plt.Figure:
+    """Planted and learned bias maps [C, h, w], centred over classes, class by class: one row each,
+    the planted B* first."""
     rows = {"planted B*": planted, **learned}
     C = len(names)
     fig, axes = plt.subplots(len(rows), C, figsize=(1.3 * C, 1.45 * len(rows)), squeeze=False)
@@ -164,58 +163,47 @@ def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor],
             if c == 0:
                 ax.set_ylabel(textwrap.fill(label, 18), fontsize=6)
     fig.suptitle("bias maps centred over classes (red: favoured; each row on its own scale)", fontsize=8)
+    return fig
+
+
+def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor], names: Sequence[str],
+                     path: Path) -> Path:
+    """:func:`maps_figure` written to ``path`` (PNG, atomically)."""
+    fig = maps_figure(planted, learned, names)
     write_figure(path.parent, fig, path.stem)
     plt.close(fig)
     return path
 
 
-#: multiples of the planted amplitudes the training-free sweep measures MaskCLIP at
-SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+def unbiased_lab(biased: Lab) -> Lab:
+    """The lab of the same CLIP without the planted bias (U), keeping its hypotheses and runs
+    under ``<results>/runs/unbiased/`` (another CLIP fingerprint, so its own caches)."""
+    lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
+    lab.results = biased.results / "runs" / "unbiased"
+    lab.results.mkdir(parents=True, exist_ok=True)
+    return lab
 
 
-def amplitude_sweep(biased: Lab, unbiased: Lab, scales: Sequence[float] = SWEEP_SCALES) -> pd.DataFrame:
-    """MaskCLIP with the planted amplitudes times each scale: mIoU, and how often true regions
-    (pooled) and their patches are still read right — where the bias flips patches but not regions."""
-    rows = []
-    for scale in scales:
-        clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), biased.cfg["clip"]["planted_bias"],
-                          scale=scale)
-        row = maskclip_row(diagnostic_lab(biased, "sweep", clip), f"amplitude × {scale:g}")
-        rows.append({"amplitude scale": scale, **{k: v for k, v in row.items() if k != "model"}})
-    return pd.DataFrame(rows)
+def planted_and_grid(lab: Lab) -> tuple:
+    """(B* [C, h, w] on CPU, (h, w)) at the lab's test size."""
+    hw = (lab.cfg["test_size"] // lab.clip.visual.patch_size[0],) * 2
+    return planted_map(lab.clip, hw).cpu(), hw
 
 
-def loss_preference(labs: Mapping[str, Lab]) -> pd.DataFrame:
-    """The training loss of fixed segmentations (``diagnostics.loss_preference``: MaskCLIP's argmax,
-    within the hypothesis, the truth) on each lab's CLIP: whether the loss prefers the truth to what
-    the biased CLIP says. Lower = preferred."""
-    tables = []
-    for label, lab in labs.items():
-        # the method's 100 and the toy CLIP's own scale, which configs/toy_known.yaml trains with
-        table = lab.loss_preference(lab.model("maskclip"), score_scales=[100.0, logit_scale(lab.clip)])
-        table.columns = [f"loss at {c}" for c in table.columns]  # "scale 100", the CLIP's own scale
-        tables.append(table.reset_index().assign(CLIP=label))
-    out = pd.concat(tables, ignore_index=True)
-    return out[["CLIP"] + [c for c in out.columns if c != "CLIP"]]
-
-
-#: ReCLIP++ trained again: row label -> (results subfolder, where the bias is planted (None: no
-#: bias), multiple of the planted amplitudes)
-DIAGNOSTICS = {"ReCLIP++ (CLIP without the planted bias)": ("unbiased", None, 0.0),
-               "ReCLIP++ (bias planted in the logits only)": ("logits_only", "logits", 1.0),
-               "ReCLIP++ (planted amplitudes × 0.75)": ("amplitude_0.75", "features", 0.75)}
+def learned_map(model: torch.nn.Module, hw: tuple) -> torch.Tensor:
+    """A ReCLIP++ model's bias map [C, h, w] (image-independent: no images needed), on CPU."""
+    with torch.no_grad():
+        return model.eval().bias_map(tuple(hw)).detach().float().cpu()
 
 
 def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple(MODELS),
-                     device: str = "auto", diagnostics: bool = True) -> Dict[str, Any]:
-    """The whole lab → its tables (also written under ``results/toy/known/``)."""
+                     device: str = "auto") -> Dict[str, Any]:
+    """U, B and the trained models over ``seeds`` → their tables, also written under
+    ``results/toy/known/`` (``known_answer{,_runs,_recovery_per_class}``, the maps figure, JSON)."""
     t0 = time.perf_counter()
     biased = setup("toy", "known", device=device)
-    unbiased = setup("toy", "known", device=device, **{"clip.planted_bias": "null"})
-    unbiased.results = biased.results / "runs" / DIAGNOSTICS["ReCLIP++ (CLIP without the planted bias)"][0]
-    unbiased.results.mkdir(parents=True, exist_ok=True)  # its own hypotheses: another CLIP fingerprint
-    hw = (biased.cfg["test_size"] // biased.clip.visual.patch_size[0],) * 2
-    planted = planted_map(biased.clip, hw).cpu()
+    unbiased = unbiased_lab(biased)
+    planted, hw = planted_and_grid(biased)
     offset_norm = biased.clip.visual.planted_bias.feature_offset(hw).norm(dim=1)  # [h*w]
     rows = [maskclip_row(unbiased, "no planted bias"), maskclip_row(biased, "planted bias")]
     per_class, learned = [], {}
@@ -226,42 +214,14 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
             per_class.append(rec)
             if seed == seeds[0]:
                 learned[f"{label} (seed {seed})"] = bmap
-    labs = [biased, unbiased]
-    sweep = amplitude_sweep(biased, unbiased)
-    by_folder = {}
-    for row_label, (folder, where, scale) in (DIAGNOSTICS.items() if diagnostics else ()):
-        if where is None:  # ReCLIP++ on the clean CLIP: the unbiased lab itself
-            lab = unbiased
-        else:
-            clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), biased.cfg["clip"]["planted_bias"],
-                              scale, where)
-            lab = diagnostic_lab(biased, folder, clip)
-            labs.append(lab)
-        by_folder[folder] = lab
-        own_map = planted if where is None else planted_map(clip, hw).cpu()  # this CLIP's own B*
-        for seed in seeds:
-            row, rec, bmap = trained_row(lab, "ReCLIP++", seed, own_map, row_label)
-            rows.append(row if where is not None else dict(row, recovery=np.nan, **{"recovery scale": np.nan}))
-            if where is not None:
-                per_class.append(rec)
-                if seed == seeds[0]:
-                    learned[f"{row_label} (seed {seed})"] = bmap
-    preference = loss_preference({"no planted bias": unbiased, "planted bias": biased,
-                                  **({"bias in the logits only": by_folder["logits_only"]} if diagnostics else {})})
     table = pd.DataFrame(rows)
     summary = summarise(table)
-    out = biased.results
     biased.save_table(table, "known_answer_runs", floatfmt=".3f", title="Known-answer lab: every run")
     biased.save_table(summary, "known_answer", floatfmt=".3f",
                       title="Known-answer lab: mean and sd over seeds (training-free rows: one run)")
-    if per_class:
-        biased.save_table(pd.concat(per_class, ignore_index=True), "known_answer_recovery_per_class",
-                          floatfmt=".3f", title="Bias recovery per class (correlation with the planted map)")
-    biased.save_table(preference, "known_answer_loss_preference", floatfmt=".3f",
-                      title="Training loss of fixed segmentations (lower = preferred by the loss)")
-    biased.save_table(sweep, "known_answer_amplitude_sweep", floatfmt=".3f",
-                      title="MaskCLIP with the planted amplitudes scaled (training-free)")
-    save_maps_figure(planted, learned, biased.class_names, out / "known_answer_maps.png")
+    biased.save_table(pd.concat(per_class, ignore_index=True), "known_answer_recovery_per_class",
+                      floatfmt=".3f", title="Bias recovery per class (correlation with the planted map)")
+    save_maps_figure(planted, learned, biased.class_names, biased.results / "known_answer_maps.png")
     goals = goal_lines(summary)
     biased.save_json({"seeds": list(seeds), "models": list(models), "goals": goals,
                       "clip": {"biased": clip_fingerprint(biased.clip), "unbiased": clip_fingerprint(unbiased.clip)},
@@ -269,10 +229,42 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
                       # the planted component's size beside the unit-norm dense features it is added to
                       "planted_offset_norm": {"mean": float(offset_norm.mean()), "min": float(offset_norm.min()),
                                               "max": float(offset_norm.max())},
-                      "timings_s": [lab.timings for lab in labs], "wall_s": round(time.perf_counter() - t0, 1)},
+                      "timings_s": [biased.timings, unbiased.timings], "wall_s": round(time.perf_counter() - t0, 1)},
                      "known_answer")
-    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "goals": goals,
-            "planted": planted, "learned": learned}
+    return {"runs": table, "summary": summary, "goals": goals, "planted": planted, "learned": learned}
+
+
+#: the summary.md columns of the lab's table: (column, its sd column or None, decimals)
+SUMMARY_COLUMNS = (("mIoU", "mIoU sd", 1), ("class TVD", "class TVD sd", 3), ("space TVD", "space TVD sd", 3),
+                   ("recovery", "recovery sd", 2))
+
+
+def summary_section(results: Path) -> list:
+    """``summary.md``'s known-answer section (markdown lines) from the lab's files under
+    ``results`` (``<results>/toy/known/``); empty when the lab has not run there."""
+    folder = Path(results) / "toy" / "known"
+    table, meta = folder / "known_answer.csv", folder / "known_answer.json"
+    if not (table.is_file() and meta.is_file()):
+        return []
+    df, info = pd.read_csv(table), json.loads(meta.read_text(encoding="utf-8"))
+
+    def cell(row, col, sd, dec):
+        if pd.isna(row[col]):
+            return "—"
+        return f"{row[col]:.{dec}f}" + (f" ± {row[sd]:.{dec}f}" if row["runs"] > 1 else "")
+
+    lines = ["## Known-answer world ([known/known_answer.md](known/known_answer.md))", "",
+             "A bias of known amplitudes planted in a toy CLIP (docs/toy-world.md): U = MaskCLIP without it, "
+             f"B = MaskCLIP with it; trained rows: mean ± sd over seeds {', '.join(map(str, info['seeds']))}. "
+             "Bias recovery: correlation of the learned and the planted bias maps, centred over classes.", "",
+             "| model | runs | " + " | ".join(c for c, _, _ in SUMMARY_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(SUMMARY_COLUMNS)]
+    for _, row in df.iterrows():
+        lines.append(f"| {row['model']} | {row['runs']} | " +
+                     " | ".join(cell(row, c, sd, dec) for c, sd, dec in SUMMARY_COLUMNS) + " |")
+    lines += ["", "Goals:", ""] + list(info["goals"]) + ["", "![planted and learned bias maps]"
+                                                           "(known/known_answer_maps.png)", ""]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,9 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-diagnostics", action="store_true", help="skip the diagnostic ReCLIP++ rows and the loss-preference table's logits-only CLIP")
     args = ap.parse_args(argv)
-    result = run_known_answer(args.seeds, args.models, args.device, diagnostics=not args.no_diagnostics)
+    result = run_known_answer(args.seeds, args.models, args.device)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(result["summary"].round(3).to_string(index=False))
     print("\n".join(result["goals"]))

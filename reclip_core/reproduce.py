@@ -23,6 +23,8 @@ from .paths import NOTEBOOK_DIR, RESULTS_DIR, notebooks
 from .profiles import check_parameters
 
 
+#: the run-time row of the known-answer lab in ``summary.md``
+KNOWN_ANSWER_STEP = "known-answer lab (seeds 0-2)"
 #: parameters set by ``run``'s own arguments; ``-p`` must not override them past their checks
 RUN_PARAMETERS = ("profile", "dataset", "device", "seed")
 
@@ -95,8 +97,10 @@ def preflight(profile: str, dataset: str) -> None:
 
 
 def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
-        only: Optional[Sequence[str]] = None, inplace: bool = False, extra: Optional[Dict] = None) -> Path:
-    """Execute the notebooks; returns the path of ``summary.md``."""
+        only: Optional[Sequence[str]] = None, inplace: bool = False, extra: Optional[Dict] = None,
+        known_answer: bool = True) -> Path:
+    """Execute the notebooks, then (toy profile, all notebooks, ``known_answer``) the known-answer
+    lab over its seeds; returns the path of ``summary.md``."""
     dataset = check_parameters(profile, dataset, device)
     check_parameter_names(extra or {})
     names = [nb.name for nb in notebooks()]
@@ -129,6 +133,14 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
             publish_executed_copy(target, out_dir)
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         print(f"[reproduce] {nb.name} done in {timings[nb.name]} s", flush=True)
+    if profile == "toy" and known_answer and not only:
+        print("[reproduce] known-answer lab (python -m reclip_core.known_answer) …", flush=True)
+        t0 = time.perf_counter()
+        from .known_answer import run_known_answer  # torch: import time, after the notebooks
+
+        run_known_answer(device=device)
+        timings[KNOWN_ANSWER_STEP] = round(time.perf_counter() - t0, 1)
+        print(f"[reproduce] known-answer lab done in {timings[KNOWN_ANSWER_STEP]} s", flush=True)
     return write_summary(profile, dataset, timings)
 
 
@@ -177,14 +189,19 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
     if headline.is_file():
         lines += [headline.read_text().strip(), ""]
     if profile == "toy":
-        from .spread import summary_section  # pandas: import time; only once the notebooks have run
+        # pandas: import time; only once the notebooks have run
+        from .known_answer import summary_section as known_answer_section
+        from .spread import summary_section
 
+        lines = lines[:4] + known_answer_section(RESULTS_DIR) + lines[4:]
         lines += summary_section(base)
     if timings:
-        lines += ["## Notebook run times", "", "| notebook | seconds |", "|---|---:|"]
-        lines += [f"| [{name}](notebooks/{name}) | {secs} |" for name, secs in timings.items()]
+        lines += ["## Run times", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| [{name}](notebooks/{name}) | {secs} |" if name.endswith(".ipynb") else f"| {name} | {secs} |"
+                  for name, secs in timings.items()]
         lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
-    folders = [f for f in (base / dataset, base / "your_images") if f.is_dir()]  # notebooks 01-05, 06
+    # notebooks 01-05, 06, and the known-answer lab (toy)
+    folders = [f for f in dict.fromkeys((base / dataset, base / "your_images", base / "known")) if f.is_dir()]
     for kind, patterns in (("Tables", ("*.md", "*.csv")), ("Figures", ("*.png",))):
         files = sorted(p for f in folders for pat in patterns for p in f.rglob(pat)
                        if p.name != "headline.md" and "runs" not in p.relative_to(f).parts)
@@ -204,6 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
     parser.add_argument("--inplace", action="store_true",
                         help="execute the notebooks in notebooks/ themselves (refreshes the committed outputs)")
+    parser.add_argument("--no-known-answer", action="store_true",
+                        help="toy profile: skip the known-answer lab after the notebooks")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="extra notebook parameter (JSON value), e.g. -p n_val 100")
     args = parser.parse_args(argv)
@@ -216,7 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raw.append(name)
     try:
         check_parameter_names(extra, raw)
-        summary = run(args.profile, args.dataset, args.device, args.seed, args.only, args.inplace, extra)
+        summary = run(args.profile, args.dataset, args.device, args.seed, args.only, args.inplace, extra,
+                      known_answer=not args.no_known_answer)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: {err}", file=sys.stderr)
         return 2
