@@ -175,11 +175,11 @@ def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor],
     return path
 
 
-def unbiased_lab(biased: Lab) -> Lab:
+def unbiased_lab(biased: Lab, folder: str = "unbiased") -> Lab:
     """The lab of the same CLIP without the planted bias (U), keeping its hypotheses and runs
-    under ``<results>/runs/unbiased/`` (another CLIP fingerprint, so its own caches)."""
+    under ``<results>/runs/<folder>/`` (another CLIP fingerprint, so its own caches)."""
     lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
-    lab.results = biased.results / "runs" / "unbiased"
+    lab.results = biased.results / "runs" / folder
     lab.results.mkdir(parents=True, exist_ok=True)
     return lab
 

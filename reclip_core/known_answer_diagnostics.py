@@ -35,9 +35,7 @@ from .run_inputs import load_config_clip
 def diagnostic_lab(biased: Lab, folder: str, clip: torch.nn.Module) -> Lab:
     """A lab like ``biased`` on another CLIP, keeping its hypotheses and runs under
     ``<results>/runs/<folder>/`` (caches: not committed)."""
-    lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
-    lab.results = biased.results / "runs" / folder
-    lab.results.mkdir(parents=True, exist_ok=True)
+    lab = unbiased_lab(biased, folder)
     lab.__dict__["clip"] = clip  # the cached property, set to this CLIP
     return lab
 
