@@ -122,19 +122,17 @@ lab.save_figure(plots.plot_maps(bias.cpu(), lab.class_names, "bias logit map per
 
 # %% [markdown]
 # ## The known-answer world: the map the bias model should learn
-# In the toy profile a second toy CLIP carries a bias **planted** with known amplitudes
-# (docs/toy-world.md, "The known-answer world"): some classes favoured everywhere, some in one
-# region of the image. Its planted map `B*` (first row) is what a bias logit map trained on that
-# CLIP should become; below it, ReCLIP++'s map on that CLIP before training. Both are centred over
-# classes at each position (argmax ignores a per-position constant); *bias recovery* is their
-# correlation (1: the planted map up to scale).
+# The default toy world's CLIP carries a bias **planted** with known amplitudes (docs/toy-world.md,
+# "The known-answer world"): some classes favoured everywhere, some in one region of the image. Its
+# planted map `B*` (first row) is what a bias logit map trained on it should become; below it, the
+# map above (before training). Both are centred over classes at each position (argmax ignores a
+# per-position constant); *bias recovery* is their correlation (1: the planted map up to scale).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-if lab.profile == "toy":
-    known = rc.lab.setup("toy", "known", device, seed, num_threads=num_threads)
-    planted, known_hw = rc.known_answer.planted_and_grid(known)
-    at_init = rc.known_answer.learned_map(known.model("reclip++"), known_hw)
-    print(f"bias recovery at initialisation: {rc.bias_recovery.bias_recovery(at_init, planted, known.class_names).overall:.2f}")
-    known.save_figure(rc.known_answer.maps_figure(planted, {"ReCLIP++ at initialisation": at_init}, known.class_names),
-                      "02_planted_vs_init")
+if lab.dataset == "known":
+    planted, known_hw = rc.known_answer.planted_and_grid(lab)
+    at_init = rc.known_answer.learned_map(model, known_hw)
+    print(f"bias recovery at initialisation: {rc.bias_recovery.bias_recovery(at_init, planted).overall:.2f}")
+    lab.save_figure(rc.known_answer.maps_figure(planted, {"ReCLIP++ at initialisation": at_init}, lab.class_names),
+                    "02_planted_vs_init")

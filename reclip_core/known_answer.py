@@ -39,11 +39,12 @@ from .planted_bias import planted_map
 from .result_files import write_figure
 from .toy_lab import RegionReadout
 
-#: the trained models: label -> (model kind, config overrides, the head scored)
+#: the trained models: label -> (the notebooks' run name, model kind, config overrides, the head scored);
+#: same names and overrides as notebooks 03-05, so a seed's run is trained once for both
 MODELS: Dict[str, tuple] = {
-    "ReCLIP++": ("reclip++", {}, "reclip++"),
-    "rectification only": ("reclip++", {"use_decoder": False}, "rectified"),
-    "ReCLIP": ("reclip", {}, "rectified"),
+    "ReCLIP++": ("reclip++", "reclip++", {}, "reclip++"),
+    "rectification only": ("rectify_both", "reclip++", {"use_decoder": False, "bias_mode": "both"}, "rectified"),
+    "ReCLIP": ("reclip", "reclip", {}, "rectified"),
 }
 SEEDS = (0, 1, 2)
 
@@ -80,19 +81,19 @@ def maskclip_row(lab: Lab, label: str) -> Dict[str, Any]:
 
 def train_model(lab: Lab, label: str, seed: int) -> torch.nn.Module:
     """The lab's model ``label`` (a key of :data:`MODELS`) trained at ``seed`` on ``lab``'s CLIP, in
-    ``runs/<kind>[-rectify]-seed<seed>`` (a finished run is reused: the notebooks and the lab share it)."""
-    kind, overrides, _ = MODELS[label]
-    return lab.train(run_name(label, seed), kind=kind, seed=seed, **overrides)
+    ``runs/<name>-seed<seed>`` (a finished run is reused: the notebooks and the lab share it)."""
+    name, kind, overrides, _ = MODELS[label]
+    return lab.train(name, kind=kind, seed=seed, **overrides)
 
 
 def run_name(label: str, seed: int) -> str:
-    kind, overrides, _ = MODELS[label]
-    return f"{kind}{'-rectify' if overrides.get('use_decoder') is False else ''}-seed{seed}"
+    """The folder name of ``label``'s run at ``seed`` under ``runs/``."""
+    return f"{MODELS[label][0]}-seed{seed}"
 
 
 def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_label: str | None = None) -> tuple:
     """Train ``label`` at ``seed`` on ``lab``'s CLIP → (row, per-class recovery, learned map)."""
-    head = MODELS[label][2]
+    head = MODELS[label][3]
     model, name = train_model(lab, label, seed), run_name(label, seed)
     mean_map = MeanBiasMap()
     report = lab.evaluate(model, accumulators={head: [mean_map]}, name=name)
@@ -178,7 +179,8 @@ def save_maps_figure(planted: torch.Tensor, learned: Mapping[str, torch.Tensor],
 def unbiased_lab(biased: Lab, folder: str = "unbiased") -> Lab:
     """The lab of the same CLIP without the planted bias (U), keeping its hypotheses and runs
     under ``<results>/runs/<folder>/`` (another CLIP fingerprint, so its own caches)."""
-    lab = setup("toy", "known", device=str(biased.device), **{"clip.planted_bias": "null"})
+    lab = setup("toy", "known", device=str(biased.device), seed=biased.seed, num_threads=biased.cfg["num_threads"],
+                **{"clip.planted_bias": "null"})
     lab.results = biased.results / "runs" / folder
     lab.results.mkdir(parents=True, exist_ok=True)
     return lab
@@ -194,6 +196,24 @@ def learned_map(model: torch.nn.Module, hw: tuple) -> torch.Tensor:
     """A ReCLIP++ model's bias map [C, h, w] (image-independent: no images needed), on CPU."""
     with torch.no_grad():
         return model.eval().bias_map(tuple(hw)).detach().float().cpu()
+
+
+def recovery_table(learned: torch.Tensor, planted: torch.Tensor, names: Sequence[str]) -> pd.DataFrame:
+    """Bias recovery of ``learned`` over all classes (first row) and per class, with the size of the
+    learned map along the planted one (``scale``, 1: the planted size)."""
+    rec = bias_recovery(learned, planted, names)
+    overall = {"class": "all classes", "recovery": rec.overall, "scale": rec.scale}
+    return pd.concat([pd.DataFrame([overall]), rec.per_class[["class", "recovery", "scale"]]], ignore_index=True)
+
+
+def share_of_gap(benchmark: pd.DataFrame, u: float, baseline: str = "MaskCLIP") -> pd.DataFrame:
+    """Notebook 05's benchmark rows (``model``, ``mIoU``) with U prepended and each model's share of
+    U − B recovered, in % (B: the ``baseline`` row, MaskCLIP on the biased CLIP)."""
+    b = float(benchmark.set_index("model").loc[baseline, "mIoU"])
+    rows = [{"model": "MaskCLIP (no planted bias) = U", "mIoU": u, "% of U − B": 100.0}]
+    rows += [{"model": m + (" = B" if m == baseline else ""), "mIoU": v, "% of U − B": 100 * (v - b) / (u - b)}
+             for m, v in zip(benchmark["model"], benchmark["mIoU"])]
+    return pd.DataFrame(rows)
 
 
 def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple(MODELS),

@@ -166,25 +166,30 @@ class Lab:
                 maps.append(up.argmax(1)[0].cpu().numpy())
         return maps
 
-    def run_dir(self, name: str) -> Path:
-        return self.results / "runs" / name
+    def run_dir(self, name: str, seed: Optional[int] = None) -> Path:
+        """``runs/<name>-seed<seed>`` (the lab's seed unless given): a run is named by what it trains
+        and its seed, so the notebooks and the known-answer lab share their seed's runs."""
+        return self.results / "runs" / f"{name}-seed{self.seed if seed is None else int(seed)}"
 
     def train(self, name: str, kind: str = "reclip++", progress: bool = False, **overrides: Any) -> nn.Module:
-        """Train ``kind`` with config ``overrides`` into ``runs/<name>`` (resumes a finished run
+        """Train ``kind`` with config ``overrides`` into :meth:`run_dir` (resumes a finished run
         without retraining) and return the trained model (last epoch, no selection)."""
+        seed = overrides.get("seed", self.seed)
         if self.cfg["feature_cache"] and not self.cfg["feature_cache_path"]:
-            # every run of this lab sees the same views through the same CLIP: build the cache once
-            overrides.setdefault("feature_cache_path", str(self.results / "runs" / "feature_cache.safetensors"))
+            # every run of this lab at this seed sees the same views through the same CLIP: build the
+            # cache once per seed (the views are drawn from the seed)
+            overrides.setdefault("feature_cache_path", str(self.results / "runs" / f"feature_cache-seed{seed}.safetensors"))
         cfg = self.config(model=kind, **overrides)
         hypotheses = self.hypotheses()
+        run_dir = self.run_dir(name, seed)
         t0 = time.perf_counter()
-        # The per-epoch log goes to runs/<name>/loss.csv; keep notebook outputs to the results.
+        # The per-epoch log goes to runs/<name>-seed<seed>/loss.csv; keep notebook outputs to the results.
         with contextlib.redirect_stdout(io.StringIO()):
-            recompute_if_stale(lambda: train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=self.run_dir(name),
+            recompute_if_stale(lambda: train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=run_dir,
                                              progress=progress))
-        self.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
+        self.timings[f"train {run_dir.name}"] = round(time.perf_counter() - t0, 1)
         model = self.model(kind, **{k: v for k, v in overrides.items() if k != 'feature_cache_path'})
-        load_model_weights(model, self.run_dir(name))
+        load_model_weights(model, run_dir)
         return model.eval()
 
     def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False,
@@ -200,8 +205,8 @@ class Lab:
         self.timings[f"evaluate {name or type(model).__name__}"] = round(time.perf_counter() - t0, 1)
         return report
 
-    def loss_history(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.run_dir(name) / "loss.csv")
+    def loss_history(self, name: str, seed: Optional[int] = None) -> pd.DataFrame:
+        return pd.read_csv(self.run_dir(name, seed) / "loss.csv")
 
     # -- outputs (``result_files``) -------------------------------------------------------------
     def save_table(self, df: pd.DataFrame, name: str, floatfmt: str = ".1f", title: Optional[str] = None) -> pd.DataFrame:

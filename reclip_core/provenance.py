@@ -152,11 +152,17 @@ def check_hypothesis_file(path: Union[str, os.PathLike], cfg: Mapping[str, Any],
 RESUME_FREE_KEYS = tuple(f.name for f in fields(RunConfig))
 
 
+#: keys that say where a derived file lies, not what it holds: the feature cache is keyed by what
+#: built it (``feature_cache_key``), so a run is the same computation wherever its cache lives.
+#: Older checkpoints store them in their fingerprint; they are ignored on both sides.
+LOCATION_KEYS = ("feature_cache_path",)
+
+
 def config_fingerprint(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None) -> Dict[str, Any]:
     """The part of a config that must match for a resumed run to continue the same computation,
     plus the frozen CLIP's weight digest (the config names the weights, e.g. ``pretrained: biased``,
     but retrained weights under the same name are another computation)."""
-    fp = {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS}
+    fp = {k: v for k, v in dict(cfg).items() if k not in RESUME_FREE_KEYS + LOCATION_KEYS}
     if clip is not None:
         fp["clip_weights"] = clip_fingerprint(clip)
     return fp
@@ -166,7 +172,7 @@ def fingerprint_matches(stored: Mapping[str, Any], current: Mapping[str, Any], s
     """Whether a checkpoint's fingerprint is the same computation as the config's: equal, up to
     keys that the stored one lacks and the config holds at their default — a key added to the
     config after the run was written defaults to the computation as it was before it existed."""
-    for k in set(stored) | set(current):
+    for k in (set(stored) | set(current)) - set(LOCATION_KEYS):
         spec = schema.get(k)
         if k in stored and k in current:
             if isinstance(spec, dict) and isinstance(stored[k], Mapping) and isinstance(current[k], Mapping):
@@ -181,7 +187,7 @@ def fingerprint_matches(stored: Mapping[str, Any], current: Mapping[str, Any], s
 
 
 __all__ = ("dataset_identity", "hypothesis_settings", "config_hypothesis_kwargs", "check_hypothesis_file",
-           "describe_difference", "RESUME_FREE_KEYS", "config_fingerprint", "fingerprint_matches")
+           "describe_difference", "RESUME_FREE_KEYS", "LOCATION_KEYS", "config_fingerprint", "fingerprint_matches")
 
 
 def feature_cache_key(model: nn.Module, views: Any, n_views: int) -> str:

@@ -1,11 +1,11 @@
 """The toy tables as numbers, and the check `make test` runs on them.
 
 A results tree (``results/`` or a test run's ``$RECLIP_RESULTS``) holds the CSV tables the
-notebooks wrote; ``long_form`` turns them into one row per number (table, row, label, column,
-value). ``check`` compares a run's numbers with the committed ones within the tolerances that
-``make spread`` measured (``results/toy/spread.csv``); ``stale`` says whether that file was
-measured against the tables now committed. ``cell_outputs`` reads a notebook's printed outputs
-the way nbval compares them.
+notebooks wrote (the default toy world's, ``toy/<WORLD>/``); ``long_form`` turns them into one row
+per number (table, row, label, column, value). ``check`` compares a run's numbers with the
+committed ones within the tolerances that ``make spread`` measured (``results/toy/spread.csv``);
+``stale`` says whether that file was measured against the tables now committed. ``cell_outputs``
+reads a notebook's printed outputs the way nbval compares them.
 """
 from __future__ import annotations
 
@@ -20,27 +20,36 @@ import numpy as np
 import pandas as pd
 
 from .paths import NOTEBOOK_DIR, RESULTS_DIR
+from .profiles import DEFAULT_DATASET
 
 SPREAD_CSV = RESULTS_DIR / "toy" / "spread.csv"
+#: the toy world whose tables are checked: the one `make reproduce` and `make test` run
+WORLD = DEFAULT_DATASET["toy"]
 
-#: the printed precision of tables written with another than save_table's default (.1f)
-DECIMALS: Dict[str, int] = {"toyworld/01_class_bias.csv": 3, "toyworld/01_biased_vs_uniform.csv": 2,
-                            "toyworld/03_rectification.csv": 3, "toyworld/04_loss_preference.csv": 3,
-                            "toyworld/05_bias.csv": 3, "bias_lab_cells.csv": 3, "bias_lab_classes.csv": 3,
-                            "bias_lab.csv": 3}
+#: the printed precision of tables written with another than save_table's default (.1f), by file name
+DECIMALS: Dict[str, int] = {"01_class_bias.csv": 3, "01_biased_vs_uniform.csv": 2, "01_planted_vs_clean.csv": 2,
+                            "03_rectification.csv": 3, "03_bias_recovery.csv": 3, "04_bias_recovery.csv": 3,
+                            "04_loss_preference.csv": 3, "05_bias.csv": 3}
 #: written by the notebooks but not results: the timings depend on the machine's load
-SKIP = ("toyworld/05_timings.csv",)
-#: machine-facts columns of bias_lab.csv (hashes, seeds) are not numbers to compare
+SKIP = ("05_timings.csv",)
+#: machine-facts columns (hashes, seeds) are not numbers to compare
 KEY_COLUMNS = ("weights_sha256", "val_preset_hash")
 
 
+def decimals(table: str) -> int:
+    """The printed precision of a table (``known/03_rectification.csv`` → 3)."""
+    return DECIMALS.get(Path(table).name, 1)
+
+
 def result_tables(results: Path) -> Dict[str, pd.DataFrame]:
-    """The toy tables a results tree holds (``toy/*.csv`` and ``toy/toyworld/*.csv``), by relative name."""
+    """The tables the notebooks wrote into a results tree (``toy/<WORLD>/0*.csv``), by name
+    relative to ``toy/``. The known-answer lab's own tables (``known_answer*``) are not among them:
+    `make test` does not run the lab."""
     base = Path(results) / "toy"
     tables = {}
-    for path in sorted(list(base.glob("*.csv")) + list(base.glob("toyworld/*.csv"))):
+    for path in sorted(base.glob(f"{WORLD}/0*.csv")):
         rel = path.relative_to(base).as_posix()
-        if rel not in SKIP and not rel.startswith("spread"):  # the spread files are derived from these
+        if path.name not in SKIP:
             tables[rel] = pd.read_csv(path)
     return tables
 

@@ -37,7 +37,8 @@ import pandas as pd
 from .atomic_io import atomic_write_files
 from .paths import RESULTS_DIR, ROOT, notebooks
 from .result_files import table_markdown
-from .result_tables import DECIMALS, KEY, cell_outputs, long_form, result_tables, source_digest, stale, within_spread
+from .result_tables import (KEY, WORLD, cell_outputs, decimals, long_form, result_tables, source_digest, stale,
+                            within_spread)
 
 WORK_DIR = ROOT / "work" / "spread"
 
@@ -140,7 +141,7 @@ def aggregate(runs: Mapping[Setting, pd.DataFrame], committed: pd.DataFrame) -> 
     out["seed_min"], out["seed_max"] = sd.min(axis=1), sd.max(axis=1)
     # a text cell (met/MISSED, yes/no) is checked when every machine setting printed the same text
     out["same_text"] = machine.astype(str).nunique(axis=1).eq(1) & ~numeric
-    floor = pd.Series([0.5 * 10.0 ** -DECIMALS.get(t, 1) for t in out.index.get_level_values("table")], index=out.index)
+    floor = pd.Series([0.5 * 10.0 ** -decimals(t) for t in out.index.get_level_values("table")], index=out.index)
     out["tolerance"] = np.where(numeric, np.maximum(out["machine_max"] - out["machine_min"], floor), np.nan)
     return out.reset_index()
 
@@ -158,6 +159,8 @@ def output_stability(settings: Sequence[Setting], work: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: notebook 05's benchmark table, whose model comparisons spread.md states
+BENCHMARK = f"{WORLD}/05_benchmark.csv"
 #: the benchmark table's comparisons: (model, baseline)
 COMPARISONS = (("ReCLIP++", "MaskCLIP"), ("ReCLIP++ (rectify only)", "MaskCLIP"), ("ReCLIP", "MaskCLIP"),
                ("ReCLIP++", "ReCLIP++ (rectify only)"))
@@ -173,7 +176,7 @@ def comparisons(runs: Mapping[Setting, pd.DataFrame], metric: str = "mIoU") -> p
             d = []
             for s, r in runs.items():
                 if pick(s):
-                    b = r[(r.table == "toyworld/05_benchmark.csv") & (r.column == metric)].set_index("label")["value"]
+                    b = r[(r.table == BENCHMARK) & (r.column == metric)].set_index("label")["value"]
                     d.append(float(b[model]) - float(b[baseline]))
             d = np.asarray(d)
             row[f"{group}: mean ± sd"] = f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}"
@@ -188,7 +191,7 @@ def provenance() -> Dict[str, str]:
     import torch  # import time: reproduce reads summary_section from here without torch
 
     digest = hashlib.sha256()
-    for path in sorted((RESULTS_DIR / "toy").glob("toyworld/0*.csv")):
+    for path in sorted((RESULTS_DIR / "toy").glob(f"{WORLD}/0*.csv")):
         digest.update(path.read_bytes())
     return {"committed tables sha256": digest.hexdigest()[:12], "torch": torch.__version__,
             "cpu capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine(),
@@ -206,7 +209,7 @@ def write_tables(settings: Sequence[Setting], work: Path, out: Path, times: Opti
     setting_rows = pd.DataFrame([{"setting": s.name, "kernels": " ".join(f"{k}={v}" for k, v in KERNELS[s.kernel].items()) or "(machine's own)",
                                   "threads": s.threads, "seed": s.seed, "minutes": round(times.get(s.name, float("nan")) / 60, 1)}
                                  for s in settings])
-    bench = table[(table.table == "toyworld/05_benchmark.csv") & (table.column == "mIoU")]
+    bench = table[(table.table == BENCHMARK) & (table.column == "mIoU")]
     models = bench[["label", "committed", "seed_mean", "seed_sd", "seed_min", "seed_max", "machine_min", "machine_max"]]
     prov = provenance()
     lines = ["# Spread of the toy reproduction over CPU kernels, threads and seeds", "",
@@ -262,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         saved = args.work / "times.json"
         old = json.loads(saved.read_text()) if saved.is_file() else {}
         saved.write_text(json.dumps({**old, **times}, indent=1))
-    missing = [s.name for s in settings if not (args.work / s.name / "results" / "toy" / "toyworld" / "05_benchmark.csv").is_file()]
+    missing = [s.name for s in settings if not (args.work / s.name / "results" / "toy" / BENCHMARK).is_file()]
     if missing:
         print(f"spread: no finished run for {', '.join(missing)} under {args.work}; run without --aggregate.", file=sys.stderr)
         return 2

@@ -99,3 +99,11 @@ def test_a_fingerprint_matches_up_to_new_keys_at_their_default():
     assert not fingerprint_matches(older, {**cfg, "clip": {**cfg["clip"], "ln_eps": 1e-6}})
     assert not fingerprint_matches({**cfg, "lr": 1.0}, cfg)  # a differing key
     assert not fingerprint_matches(cfg, older)  # a key the config no longer has
+
+
+def test_where_the_feature_cache_lies_is_not_part_of_the_computation():
+    cfg = _jsonable(config_fingerprint(load_config("toy", ["feature_cache_path=/a/cache.safetensors"])))
+    assert "feature_cache_path" not in cfg
+    older = {**cfg, "feature_cache_path": "/b/cache.safetensors"}  # a checkpoint written before the key was left out
+    assert fingerprint_matches(older, cfg) and fingerprint_matches(cfg, older)
+    assert not fingerprint_matches({**older, "seed": 7}, cfg)  # every other key still counts

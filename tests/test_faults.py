@@ -267,7 +267,7 @@ def test_08_unknown_names_list_the_valid_ones(capsys):
         lab.setup("toy", device="cpu", max_epochs=3)
     with pytest.raises(ValueError, match=r"unknown config key 'max_val_image'; valid keys"):
         lab.setup("toy", device="cpu", max_val_image=None)  # a None value is not a free pass
-    with pytest.raises(ValueError, match="is not part of profile 'toy'; valid: toyworld"):
+    with pytest.raises(ValueError, match="is not part of profile 'toy'; valid: known, toyworld"):
         check_parameters("toy", "voc", "cpu")
 
 
@@ -650,7 +650,7 @@ def test_17_untrusted_pickle_in_checkpoint_is_not_executed(tmp_path, trained_run
 @pytest.mark.parametrize("args, expected", [
     (["-p", "bogus", "1"], "unknown notebook parameter(s) ['bogus']; valid: class_names, data_root, dataset, device, epochs, grid, n_images, n_val"),
     (["--profile", "bogus"], "unknown profile 'bogus'; valid profiles: toy, paper"),
-    (["--profile", "toy", "--dataset", "voc"], "dataset 'voc' is not part of profile 'toy'; valid: toyworld"),
+    (["--profile", "toy", "--dataset", "voc"], "dataset 'voc' is not part of profile 'toy'; valid: known, toyworld"),
     (["-p", "profile", "paper"], "set profile with --profile"),
 ])
 def test_18_reproduce_rejects_bad_parameters_in_well_under_a_second(tmp_path, args, expected):

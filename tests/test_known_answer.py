@@ -1,5 +1,6 @@
 """The known-answer lab's pieces around the training runs: its summary.md section, its place in
-`make reproduce`, its maps figure, the run names the notebooks share with it, the diagnostics list."""
+`make reproduce`, its maps figure, the notebooks' recovery and share-of-gap tables, the runs the
+notebooks share with it, the diagnostics list."""
 from __future__ import annotations
 
 import json
@@ -113,10 +114,56 @@ def test_learned_map_is_the_models_bias_map():
     assert got.shape == (2, 4, 4) and torch.equal(got, expected.float().cpu())
 
 
-def test_run_names_are_shared_with_the_notebooks():
-    assert known_answer.run_name("rectification only", 1) == "reclip++-rectify-seed1"
-    assert known_answer.run_name("ReCLIP++", 0) == "reclip++-seed0"
-    assert known_answer.run_name("ReCLIP", 2) == "reclip-seed2"
+def test_recovery_table_has_the_overall_row_first_then_each_class():
+    planted = torch.zeros(3, 2, 2)
+    planted[0] += 0.3  # class 0 favoured everywhere
+    planted[1, 0] += 0.5  # class 1 favoured in the top row
+    table = known_answer.recovery_table(2 * planted, planted, ["a", "b", "c"])
+    assert list(table["class"]) == ["all classes", "a", "b", "c"]
+    assert table["recovery"].round(9).eq(1.0).all() and table["scale"].round(9).eq(2.0).all()
+    flipped = known_answer.recovery_table(-planted, planted, ["a", "b", "c"])
+    assert flipped["recovery"].iloc[0] == pytest.approx(-1.0) and flipped["scale"].iloc[0] == pytest.approx(-1.0)
+
+
+def test_share_of_gap_is_zero_at_b_and_one_hundred_at_u():
+    bench = pd.DataFrame({"model": ["MaskCLIP", "ReCLIP", "ReCLIP++"], "mIoU": [50.0, 60.0, 45.0]})
+    table = known_answer.share_of_gap(bench, u=70.0).set_index("model")["% of U − B"]
+    assert table["MaskCLIP (no planted bias) = U"] == 100.0 and table["MaskCLIP = B"] == 0.0
+    assert table["ReCLIP"] == pytest.approx(50.0) and table["ReCLIP++"] == pytest.approx(-25.0)
+
+
+def _recording_lab(tmp_path, monkeypatch, seed=0):
+    """A known-world Lab whose training only records what it would train (config, run folder)."""
+    from reclip_core import lab as lab_module
+    from reclip_core.config import load_config
+
+    calls = []
+    monkeypatch.setattr(lab_module, "train", lambda cfg, run_dir, **kw: calls.append((dict(cfg), run_dir)))
+    monkeypatch.setattr(lab_module, "load_model_weights", lambda model, run_dir: None)
+    monkeypatch.setattr(lab_module.Lab, "model", lambda self, kind="reclip++", **kw: torch.nn.Identity())
+    lab = lab_module.Lab("toy", "known", torch.device("cpu"), seed, load_config("toy_known", [f"seed={seed}"]), tmp_path)
+    lab.__dict__["clip"] = None  # the recorded calls never touch it
+    monkeypatch.setattr(lab, "hypotheses", lambda: {})
+    return lab, calls
+
+
+def test_the_lab_trains_the_notebooks_runs(tmp_path, monkeypatch):
+    # notebooks 03-05 and the lab train the same config into the same folder: one training per seed
+    lab, calls = _recording_lab(tmp_path, monkeypatch)
+    lab.train("rectify_both", use_decoder=False, bias_mode="both")  # notebook 03 / 05
+    lab.train("reclip++")  # notebook 04 / 05
+    lab.train("reclip", kind="reclip")  # notebook 05
+    for label in ("rectification only", "ReCLIP++", "ReCLIP"):
+        known_answer.train_model(lab, label, 0)
+    assert [c[1] for c in calls[:3]] == [c[1] for c in calls[3:]]
+    assert [c[0] for c in calls[:3]] == [c[0] for c in calls[3:]]
+    assert [c[1].name for c in calls[:3]] == [known_answer.run_name(m, 0) for m in ("rectification only", "ReCLIP++", "ReCLIP")]
+    # another seed: its own folder, its config's seed and its own feature cache (the views follow the seed)
+    known_answer.train_model(lab, "ReCLIP++", 2)
+    cfg, run_dir = calls[-1]
+    assert run_dir == tmp_path / "runs" / "reclip++-seed2" and cfg["seed"] == 2
+    assert cfg["feature_cache_path"] != calls[1][0]["feature_cache_path"]
+    assert {k for k in cfg if cfg[k] != calls[1][0][k]} == {"seed", "feature_cache_path"}
 
 
 def test_every_diagnostic_trains_a_model_of_the_lab():

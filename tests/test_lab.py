@@ -89,7 +89,7 @@ def test_markdown_table():
 
 
 def test_parameter_checks_fail_fast():
-    assert check_parameters("toy", None, "cpu") == "toyworld"
+    assert check_parameters("toy", None, "cpu") == "known"
     with pytest.raises(ValueError, match="valid profiles: toy, paper"):
         check_parameters("papr", None, "cpu")
     with pytest.raises(ValueError, match="valid: voc, context"):

@@ -54,7 +54,7 @@ def test_committed_notebook_carries_the_toy_outputs_nbval_checks(path):
     # nothing nbval compares, then every table the notebook writes is checked within the spread
     tables = set(pd.read_csv(SPREAD_DIR / "spread.csv").table)
     own = OWN_CHECKS.get(path.name)
-    assert checked or any(t.startswith(f"toyworld/{path.name[:3]}") for t in tables) or (own and own.is_file()), \
+    assert checked or any(t.startswith(f"{result_tables.WORLD}/{path.name[:3]}") for t in tables) or (own and own.is_file()), \
         f"{path.name}: neither a cell marked {CHECK}, a table in spread.csv nor a test of its own; nothing would be checked"
     # committed as written by `make notebooks`: no papermill injection or run metadata
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)

@@ -127,8 +127,16 @@ def test_recovery_is_one_for_the_planted_map_plus_a_per_position_constant():
     assert r.overall == pytest.approx(1.0, abs=1e-9)
     assert r.scale == pytest.approx(1.0, abs=1e-6)
     assert np.allclose(r.per_class["recovery"], 1.0, atol=1e-9)
+    assert np.allclose(r.per_class["scale"], 1.0, atol=1e-6)
     half = bias_recovery(0.5 * bmap, bmap)
     assert half.overall == pytest.approx(1.0, abs=1e-9) and half.scale == pytest.approx(0.5, abs=1e-6)
+    assert np.allclose(half.per_class["scale"], 0.5, atol=1e-6)
+    # one class learned at twice its size, the others exactly: only that class's scale moves
+    doubled = bmap.clone()
+    doubled[1] = bmap[1] + (bmap[1] - bmap.mean(0))  # class 1's centred row doubled, the class mean kept
+    doubled -= (doubled.mean(0) - bmap.mean(0))  # the per-position mean back where it was
+    per_class = bias_recovery(doubled, bmap).per_class
+    assert per_class["scale"][1] > 1.5 and per_class["scale"][0] != pytest.approx(per_class["scale"][1])
 
 
 def test_recovery_of_an_unrelated_map_is_near_zero():

@@ -20,6 +20,7 @@ from reclip_core import result_tables
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "results"
 SPREAD = COMMITTED / "toy" / "spread.csv"
+W = result_tables.WORLD  # the default toy world, whose tables are checked
 
 
 def _table() -> pd.DataFrame:
@@ -39,7 +40,7 @@ def test_tolerances_are_the_measured_machine_range():
     numeric = t[t.tolerance.notna()]
     assert len(numeric) > 100
     measured = numeric.machine_max - numeric.machine_min
-    floor = numeric.table.map(lambda name: 0.5 * 10.0 ** -result_tables.DECIMALS.get(name, 1))
+    floor = numeric.table.map(lambda name: 0.5 * 10.0 ** -result_tables.decimals(name))
     assert (numeric.tolerance >= measured - 1e-12).all()
     at_range, at_floor = (numeric.tolerance - measured).abs() < 1e-12, (numeric.tolerance - floor).abs() < 1e-12
     assert (at_range | at_floor).all()  # never looser than the measured range or the printed precision
@@ -69,8 +70,8 @@ def test_committed_tables_pass_their_own_check(tmp_path):
     assert result_tables.check(_copy_committed(tmp_path), SPREAD, COMMITTED) == []
 
 
-@pytest.mark.parametrize("table,column", [("toyworld/05_benchmark.csv", "mIoU"), ("toyworld/03_rectification.csv", "space TVD"),
-                                          ("toyworld/01_maskclip_miou.csv", "mIoU_no_pd")])
+@pytest.mark.parametrize("table,column", [(f"{W}/05_benchmark.csv", "mIoU"), (f"{W}/03_rectification.csv", "space TVD"),
+                                          (f"{W}/01_maskclip_miou.csv", "mIoU_no_pd")])
 def test_a_number_moved_beyond_its_tolerance_fails(tmp_path, table, column):
     rec = _widest(_table(), table, column)
     root = _copy_committed(tmp_path)
@@ -83,18 +84,18 @@ def test_a_number_moved_beyond_its_tolerance_fails(tmp_path, table, column):
 
 def test_a_text_every_machine_agreed_on_must_match(tmp_path):
     t = _table()
-    texts = t[(t.table == "toyworld/05_bias.csv") & t.same_text.astype(str).eq("True")]
+    texts = t[(t.table == f"{W}/05_bias.csv") & t.same_text.astype(str).eq("True")]
     assert len(texts), "no text cell of the bias table is stable across machines"
     rec = texts.iloc[0]
     root = _copy_committed(tmp_path)
-    _perturb(root, "toyworld/05_bias.csv", int(rec.row), rec.column, "changed")
+    _perturb(root, f"{W}/05_bias.csv", int(rec.row), rec.column, "changed")
     problems = result_tables.check(root, SPREAD, COMMITTED)
     assert len(problems) == 1 and "changed" in problems[0], problems
 
 
 def test_a_missing_table_fails(tmp_path):
     root = _copy_committed(tmp_path)
-    (root / "toy" / "toyworld" / "04_per_class_iou.csv").unlink()
+    (root / "toy" / W / "04_per_class_iou.csv").unlink()
     problems = result_tables.check(root, SPREAD, COMMITTED)
     assert problems and all("04_per_class_iou" in p and "missing" in p for p in problems)
 
@@ -102,7 +103,7 @@ def test_a_missing_table_fails(tmp_path):
 @pytest.mark.after_notebooks
 def test_executed_notebooks_agree_with_the_committed_results_within_the_spread():
     results = os.environ.get("RECLIP_RESULTS")
-    written = results and (Path(results) / "toy" / "toyworld" / "05_benchmark.csv").is_file()
+    written = results and (Path(results) / "toy" / W / "05_benchmark.csv").is_file()
     if not written:
         if os.environ.get("RECLIP_REQUIRE_RESULTS"):
             pytest.fail(f"no executed toy tables under RECLIP_RESULTS={results!r}: did the notebooks run?")
