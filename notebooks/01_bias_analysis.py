@@ -125,7 +125,6 @@ if lab.dataset == "known":
 # columns are as above. This writes the lab report `results/toy/bias_lab.md`.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 if lab.dataset == "toyworld":
     bias_lab = rc.toy_lab.run_bias_lab(out_dir=rc.lab.RESULTS_DIR / "toy", n_val=lab.cfg["max_val_images"])
     import pandas as pd
