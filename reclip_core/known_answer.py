@@ -35,6 +35,7 @@ from .bias_recovery import bias_recovery, centre_over_classes
 from .clip_loading import clip_fingerprint
 from .eval_scoring import EvalBatch
 from .lab import Lab, setup
+from .lab import run_name as lab_run_name
 from .planted_bias import planted_map
 from .result_files import write_figure
 from .toy_lab import RegionReadout
@@ -88,7 +89,7 @@ def train_model(lab: Lab, label: str, seed: int) -> torch.nn.Module:
 
 def run_name(label: str, seed: int) -> str:
     """The folder name of ``label``'s run at ``seed`` under ``runs/``."""
-    return f"{MODELS[label][0]}-seed{seed}"
+    return lab_run_name(MODELS[label][0], seed)
 
 
 def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_label: str | None = None) -> tuple:

@@ -48,6 +48,12 @@ from .training import train  # noqa: E402
 T = TypeVar("T")
 
 
+def run_name(name: str, seed: int) -> str:
+    """The folder of run ``name`` at ``seed`` under a lab's ``runs/``: a run is named by what it
+    trains and its seed, so the notebooks and the known-answer lab share their seed's runs."""
+    return f"{name}-seed{int(seed)}"
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) — the only place the notebooks seed."""
     random.seed(seed)
@@ -167,9 +173,8 @@ class Lab:
         return maps
 
     def run_dir(self, name: str, seed: Optional[int] = None) -> Path:
-        """``runs/<name>-seed<seed>`` (the lab's seed unless given): a run is named by what it trains
-        and its seed, so the notebooks and the known-answer lab share their seed's runs."""
-        return self.results / "runs" / f"{name}-seed{self.seed if seed is None else int(seed)}"
+        """``runs/<name>-seed<seed>`` (:func:`run_name`; the lab's seed unless given)."""
+        return self.results / "runs" / run_name(name, self.seed if seed is None else seed)
 
     def train(self, name: str, kind: str = "reclip++", progress: bool = False, **overrides: Any) -> nn.Module:
         """Train ``kind`` with config ``overrides`` into :meth:`run_dir` (resumes a finished run
@@ -249,6 +254,6 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     return Lab(profile, dataset, resolve_device(device), seed, cfg, results)
 
 
-__all__: Sequence[str] = ("setup", "Lab", "seed_everything", "recompute_if_stale",
+__all__: Sequence[str] = ("setup", "Lab", "run_name", "seed_everything", "recompute_if_stale",
                           # reached by the notebooks as rc.lab.<name>, defined in their own modules
                           "RESULTS_DIR", "reference_numbers", "compare_to_reference", "bias_table", "headline")
