@@ -181,6 +181,30 @@ def test_training_changes_the_heads_and_logs_every_step(tmp_path, tiny_clip):
     assert log.loc[log.epoch == 2, "lr"].iloc[0] == pytest.approx(poly_lr(0.01, 1, 4))
 
 
+def _denormal_kept() -> bool:
+    # 1e-39 is a float32 denormal: kept, it doubles to 2e-39; flushed, it reads and writes as 0
+    return (torch.tensor([1e-39]) * 2).item() != 0.0
+
+
+def test_training_flushes_denormals_and_keeps_them_again_afterwards(tmp_path, tiny_clip):
+    from reclip_core.denormals import flushed_denormals
+
+    with flushed_denormals() as supported:
+        pass
+    if not supported:
+        pytest.skip("this CPU cannot flush denormals")
+    assert _denormal_kept()
+    seen = []
+    n = 4
+    train(tiny_config(tmp_path / "run", epoch=1, batch_size=2), dataset=ImageSet(n), hypotheses=hypotheses_for(n),
+          clip=tiny_clip, progress=False, callback=lambda info: seen.append(_denormal_kept()))
+    assert seen == [False, False]  # every step ran flushed
+    assert _denormal_kept()  # torch's default again for whatever runs next
+    with pytest.raises(Interrupt), flushed_denormals():
+        raise Interrupt  # a run stopped by an error restores it too
+    assert _denormal_kept()
+
+
 def test_refuses_to_resume_a_different_config(tmp_path, tiny_clip):
     train(tiny_config(tmp_path / "r", epoch=1), dataset=ImageSet(8), hypotheses=hypotheses_for(8),
           clip=tiny_clip, progress=False)
