@@ -41,6 +41,7 @@ from .eval_report import EvalReport  # noqa: E402
 from .model_factory import build_model  # noqa: E402
 from .paths import RESULTS_DIR  # noqa: E402
 from .profiles import check_parameters, config_name  # noqa: E402
+from .run_lock import RunFolderLocked, run_folder_lock  # noqa: E402
 from .run_inputs import build_dataset, load_config_clip, resolve_class_names, resolve_templates  # noqa: E402
 from .text import text_embeddings  # noqa: E402
 from .training import train  # noqa: E402
@@ -77,6 +78,22 @@ def recompute_if_stale(compute: Callable[[], T]) -> T:
         print(f"[reclip] {err.path} was made with other settings or CLIP weights: moved to {aside.name}, "
               "recomputing.", file=sys.stderr)
         return compute()
+
+
+def wait_while_locked(compute: Callable[[], T], what: str, poll_s: float = 2.0) -> T:
+    """Run ``compute``; while another process holds the lock it needs (``make reproduce`` runs the
+    known-answer lab beside the notebooks, and both use the same runs), wait and try again: the
+    other process's finished work is then read, not redone."""
+    told = False
+    while True:
+        try:
+            return compute()
+        except RunFolderLocked as err:
+            if not told:
+                pid = err.holder.get("pid", "?")
+                print(f"[reclip] {what}: another process (pid {pid}) is computing it; waiting.", file=sys.stderr)
+                told = True
+            time.sleep(poll_s)
 
 
 @dataclass
@@ -130,9 +147,14 @@ class Lab:
     def hypotheses(self, progress: bool = False) -> Dict[str, List[int]]:
         """Image-level hypotheses of the training split (computed once, then read from disk)."""
         t0 = time.perf_counter()
-        hyps = recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
-            self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json", text=self.text,
-            progress=progress))
+
+        def compute() -> Dict[str, List[int]]:
+            with run_folder_lock(self.results / "runs", "hypotheses"):  # one process computes, others wait
+                return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
+                    self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json", text=self.text,
+                    progress=progress))
+
+        hyps = wait_while_locked(compute, "hypotheses")
         self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
         return hyps
 
@@ -190,8 +212,8 @@ class Lab:
         t0 = time.perf_counter()
         # The per-epoch log goes to runs/<name>-seed<seed>/loss.csv; keep notebook outputs to the results.
         with contextlib.redirect_stdout(io.StringIO()):
-            recompute_if_stale(lambda: train(cfg, hypotheses=hypotheses, clip=self.clip, run_dir=run_dir,
-                                             progress=progress))
+            wait_while_locked(lambda: recompute_if_stale(lambda: train(
+                cfg, hypotheses=hypotheses, clip=self.clip, run_dir=run_dir, progress=progress)), run_dir.name)
         self.timings[f"train {run_dir.name}"] = round(time.perf_counter() - t0, 1)
         model = self.model(kind, **{k: v for k, v in overrides.items() if k != 'feature_cache_path'})
         load_model_weights(model, run_dir)
@@ -254,6 +276,6 @@ def setup(profile: str = "toy", dataset: Optional[str] = None, device: str = "au
     return Lab(profile, dataset, resolve_device(device), seed, cfg, results)
 
 
-__all__: Sequence[str] = ("setup", "Lab", "run_name", "seed_everything", "recompute_if_stale",
+__all__: Sequence[str] = ("setup", "Lab", "run_name", "seed_everything", "recompute_if_stale", "wait_while_locked",
                           # reached by the notebooks as rc.lab.<name>, defined in their own modules
                           "RESULTS_DIR", "reference_numbers", "compare_to_reference", "bias_table", "headline")

@@ -13,6 +13,7 @@ import argparse
 import ast
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from .profiles import check_parameters
 
 
 #: the run-time row of the known-answer lab in ``summary.md``
-KNOWN_ANSWER_STEP = "known-answer lab (seeds 0-2)"
+KNOWN_ANSWER_STEP = "known-answer lab (seeds 0-2), beside the notebooks"
+#: the run-time row of the whole run
+WALL_STEP = "wall clock, start to end"
 #: parameters set by ``run``'s own arguments; ``-p`` must not override them past their checks
 RUN_PARAMETERS = ("profile", "dataset", "device", "seed")
 
@@ -99,8 +102,8 @@ def preflight(profile: str, dataset: str) -> None:
 def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto", seed: int = 0,
         only: Optional[Sequence[str]] = None, inplace: bool = False, extra: Optional[Dict] = None,
         known_answer: bool = True) -> Path:
-    """Execute the notebooks, then (toy profile, all notebooks, ``known_answer``) the known-answer
-    lab over its seeds; returns the path of ``summary.md``."""
+    """Execute the notebooks and (toy profile, all notebooks, ``known_answer``) the known-answer lab
+    over its seeds, in a second process beside them; returns the path of ``summary.md``."""
     dataset = check_parameters(profile, dataset, device)
     check_parameter_names(extra or {})
     names = [nb.name for nb in notebooks()]
@@ -113,7 +116,24 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
     out_dir = RESULTS_DIR / profile / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"profile": profile, "dataset": dataset, "device": device, "seed": seed, **(extra or {})}
-    timings = {}
+    timings: Dict[str, float] = {}
+    t_run = time.perf_counter()
+    lab = start_known_answer(device) if profile == "toy" and known_answer and not only else None
+    try:
+        run_notebooks(pm, profile, dataset, params, only, inplace, out_dir, timings)
+        if lab is not None:
+            finish_known_answer(lab)
+            timings[KNOWN_ANSWER_STEP] = lab.seconds
+    finally:
+        if lab is not None:
+            lab.stop()
+    timings[WALL_STEP] = round(time.perf_counter() - t_run, 1)
+    return write_summary(profile, dataset, timings)
+
+
+def run_notebooks(pm, profile: str, dataset: str, params: Dict, only: Optional[Sequence[str]], inplace: bool,
+                  out_dir: Path, timings: Dict[str, float]) -> None:
+    """Execute the notebooks in order (``only``: those whose name starts with one of the prefixes)."""
     for nb in notebooks():
         if only and not any(nb.name.startswith(o) for o in only):
             continue
@@ -133,15 +153,69 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
             publish_executed_copy(target, out_dir)
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         print(f"[reproduce] {nb.name} done in {timings[nb.name]} s", flush=True)
-    if profile == "toy" and known_answer and not only:
-        print("[reproduce] known-answer lab (python -m reclip_core.known_answer) …", flush=True)
-        t0 = time.perf_counter()
-        from .known_answer import run_known_answer  # torch: import time, after the notebooks
 
-        run_known_answer(device=device)
-        timings[KNOWN_ANSWER_STEP] = round(time.perf_counter() - t0, 1)
-        print(f"[reproduce] known-answer lab done in {timings[KNOWN_ANSWER_STEP]} s", flush=True)
-    return write_summary(profile, dataset, timings)
+
+class LabProcess:
+    """The known-answer lab (``python -m reclip_core.known_answer``) running in its own process; its
+    output goes to ``<results>/toy/known/runs/known_answer.log``."""
+
+    def __init__(self, command: Sequence[str]):
+        self.log = RESULTS_DIR / "toy" / "known" / "runs" / "known_answer.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+        with open(self.log, "w", encoding="utf-8") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "RECLIP_RESULTS": str(RESULTS_DIR)})
+        self.seconds = 0.0
+
+    def wait(self) -> int:
+        rc = self.proc.wait()
+        self.seconds = round(time.perf_counter() - self.t0, 1)
+        return rc
+
+    def stop(self) -> None:
+        """End the lab if it still runs (the notebooks failed or the run was interrupted)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def lab_command(device: str) -> List[str]:
+    return [sys.executable, "-m", "reclip_core.known_answer", "--device", device]
+
+
+def prepare_known_world(device: str) -> None:
+    """Build the known-answer toy world if it is missing (the lab and the notebooks both read it)."""
+    from .lab import setup  # torch: import time, after the checks
+
+    setup("toy", "known", device=device)
+
+
+def start_known_answer(device: str) -> LabProcess:
+    """Start the known-answer lab beside the notebooks, once the toy world it shares with them
+    exists (built first, so that the two processes do not both build it). The lab takes its other
+    seeds first; the runs both need, the first seed's, are trained once: the second process to
+    reach one waits for it (``lab.wait_while_locked``) and reads it."""
+    prepare_known_world(device)
+    print("[reproduce] known-answer lab (python -m reclip_core.known_answer) started beside the notebooks",
+          flush=True)
+    return LabProcess(lab_command(device))
+
+
+def finish_known_answer(lab: LabProcess) -> None:
+    """Wait for the lab; a failed lab fails the run, with the end of its log."""
+    print("[reproduce] waiting for the known-answer lab …", flush=True)
+    if lab.wait() != 0:
+        tail = "\n".join(lab.log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"the known-answer lab failed (exit status {lab.proc.returncode}); the end of its log "
+                           f"{lab.log}:\n{tail}")
+    meta = RESULTS_DIR / "toy" / "known" / "known_answer.json"
+    lab.seconds = json.loads(meta.read_text(encoding="utf-8")).get("wall_s", lab.seconds)  # its own time
+    print(f"[reproduce] known-answer lab done in {lab.seconds} s", flush=True)
 
 
 def publish_executed_copy(notebook: Path, out_dir: Path) -> Path:
@@ -200,7 +274,9 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
         lines += ["## Run times", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| [{name}](notebooks/{name}) | {secs} |" if name.endswith(".ipynb") else f"| {name} | {secs} |"
                   for name, secs in timings.items()]
-        lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
+        if WALL_STEP not in timings:
+            lines += [f"| total | {round(sum(timings.values()), 1)} |"]
+        lines += [""]
     # notebooks 01-05, 06, and the known-answer lab (toy)
     folders = [f for f in dict.fromkeys((base / dataset, base / "your_images", base / "known")) if f.is_dir()]
     for kind, patterns in (("Tables", ("*.md", "*.csv")), ("Figures", ("*.png",))):

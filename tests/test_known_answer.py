@@ -62,26 +62,71 @@ def _fake_papermill(monkeypatch, executed):
     monkeypatch.setitem(sys.modules, "papermill", fake)
 
 
+def _fake_lab(monkeypatch, tmp_path, script: str) -> None:
+    """The lab as a real second process running ``script`` (RECLIP_RESULTS is the run's results tree)."""
+    monkeypatch.setattr(reproduce, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(reproduce, "prepare_known_world", lambda device: None)
+    monkeypatch.setattr(reproduce, "lab_command", lambda device: [sys.executable, "-c", script, device])
+
+
+#: a lab that writes its table and provenance, and its device, into the results tree
+WRITING_LAB = r"""
+import json, os, sys
+from pathlib import Path
+folder = Path(os.environ["RECLIP_RESULTS"]) / "toy" / "known"
+folder.mkdir(parents=True, exist_ok=True)
+(folder / "known_answer.csv").write_text("model,runs,mIoU,mIoU sd,class TVD,class TVD sd,space TVD,space TVD sd,"
+                                         "recovery,recovery sd\nReCLIP++,3,50.0,1.0,0.1,0.0,0.2,0.0,0.5,0.1\n")
+(folder / "known_answer.json").write_text(json.dumps({"seeds": [0, 1, 2], "goals": ["- goal"], "wall_s": 12.5,
+                                                      "device": sys.argv[1]}))
+"""
+
+
 @pytest.mark.parametrize("profile_args, expect_lab", [({}, True), ({"known_answer": False}, False),
                                                       ({"only": ["01"]}, False)])
-def test_reproduce_runs_the_lab_after_the_notebooks(monkeypatch, tmp_path, profile_args, expect_lab):
-    executed, lab_calls = [], []
+def test_reproduce_runs_the_lab_beside_the_notebooks(monkeypatch, tmp_path, profile_args, expect_lab):
+    executed, events = [], []
     _fake_papermill(monkeypatch, executed)
-    monkeypatch.setattr(reproduce, "RESULTS_DIR", tmp_path)
-
-    def fake_lab(device="auto"):
-        lab_calls.append((device, list(executed)))
-        _write_lab_files(tmp_path)
-
-    monkeypatch.setattr(known_answer, "run_known_answer", fake_lab)
+    _fake_lab(monkeypatch, tmp_path, WRITING_LAB)
+    start, finish = reproduce.start_known_answer, reproduce.finish_known_answer
+    monkeypatch.setattr(reproduce, "start_known_answer", lambda d: events.append(("start", list(executed))) or start(d))
+    monkeypatch.setattr(reproduce, "finish_known_answer",
+                        lambda lab: events.append(("wait", list(executed))) or finish(lab))
     summary = reproduce.run("toy", None, "cpu", **profile_args).read_text()
-    assert bool(lab_calls) == expect_lab
-    if expect_lab:  # after every notebook, on the run's device, and in summary.md with its time
-        assert lab_calls == [("cpu", [nb.name for nb in reproduce.notebooks()])]
-        assert "## Known-answer world" in summary and f"| {reproduce.KNOWN_ANSWER_STEP} |" in summary
+    assert bool(events) == expect_lab
+    if expect_lab:  # started before the first notebook, waited for after the last, on the run's device
+        assert events == [("start", []), ("wait", [nb.name for nb in reproduce.notebooks()])]
+        assert json.loads((tmp_path / "toy" / "known" / "known_answer.json").read_text())["device"] == "cpu"
+        assert "## Known-answer world" in summary and f"| {reproduce.KNOWN_ANSWER_STEP} | 12.5 |" in summary
         assert "- [known/known_answer.csv](known/known_answer.csv)" in summary
     else:
         assert reproduce.KNOWN_ANSWER_STEP not in summary
+    assert f"| {reproduce.WALL_STEP} |" in summary
+
+
+def test_a_failed_lab_fails_the_run_with_the_end_of_its_log(monkeypatch, tmp_path):
+    _fake_papermill(monkeypatch, [])
+    _fake_lab(monkeypatch, tmp_path, "import sys; print('the lab stopped: no toy CLIP'); sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"(?s)exit status 3.*the lab stopped: no toy CLIP"):
+        reproduce.run("toy", None, "cpu")
+    assert not (tmp_path / "toy" / "summary.md").exists()  # no summary of a run whose lab failed
+
+
+def test_a_failed_notebook_stops_the_lab(monkeypatch, tmp_path):
+    fake = type(sys)("papermill")
+
+    def execute_notebook(src, dst, **kw):
+        raise RuntimeError("a cell failed")
+
+    fake.execute_notebook = execute_notebook
+    monkeypatch.setitem(sys.modules, "papermill", fake)
+    _fake_lab(monkeypatch, tmp_path, "import time; time.sleep(120)")
+    labs = []
+    start = reproduce.start_known_answer
+    monkeypatch.setattr(reproduce, "start_known_answer", lambda d: labs.append(start(d)) or labs[-1])
+    with pytest.raises(RuntimeError, match="a cell failed"):
+        reproduce.run("toy", None, "cpu")
+    assert labs[0].proc.poll() is not None  # ended, not left running for two minutes
 
 
 def test_the_spread_runs_the_notebooks_without_the_lab(monkeypatch, tmp_path):
@@ -170,3 +215,36 @@ def test_every_diagnostic_trains_a_model_of_the_lab():
     for label, (folder, model_label, where, scale) in known_answer_diagnostics.DIAGNOSTICS.items():
         assert model_label in known_answer.MODELS, label
         assert where in (None, "features", "logits") and (where is None) == (scale == 0.0)
+
+
+def test_a_locked_run_is_waited_for_then_read(tmp_path, capsys):
+    import threading
+    import time
+
+    from reclip_core.lab import wait_while_locked
+    from reclip_core.run_lock import run_folder_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():  # another writer holding the run folder (flock: per open file, also in-process)
+        with run_folder_lock(tmp_path, "train"):
+            (tmp_path / "result").write_text("trained")
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(5)
+    calls = []
+
+    def compute():
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            release.set()
+        with run_folder_lock(tmp_path, "train"):
+            return (tmp_path / "result").read_text()
+
+    assert wait_while_locked(compute, "run-seed0", poll_s=0.01) == "trained"
+    t.join()
+    assert len(calls) >= 4  # refused while held, then read once released
+    assert capsys.readouterr().err.count("waiting") == 1  # said once, not at every poll
