@@ -218,11 +218,15 @@ def share_of_gap(benchmark: pd.DataFrame, u: float, baseline: str = "MaskCLIP") 
 
 
 def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple(MODELS),
-                     device: str = "auto") -> Dict[str, Any]:
+                     device: str = "auto", val_hypotheses: bool = False) -> Dict[str, Any]:
     """U, B and the trained models over ``seeds`` → their tables, also written under
-    ``results/toy/known/`` (``known_answer{,_runs,_recovery_per_class}``, the maps figure, JSON)."""
+    ``results/toy/known/`` (``known_answer{,_runs,_recovery_per_class}``, the maps figure, JSON).
+    ``val_hypotheses``: compute the validation split's hypotheses first, for notebook 04 (beside
+    the notebooks, while they compute the training split's)."""
     t0 = time.perf_counter()
     biased = setup("toy", "known", device=device)
+    if val_hypotheses:  # not this lab's input: notebook 04 scores them (`make reproduce` runs both)
+        biased.val_hypotheses()
     unbiased = unbiased_lab(biased)
     planted, hw = planted_and_grid(biased)
     offset_norm = biased.clip.visual.planted_bias.feature_offset(hw).norm(dim=1)  # [h*w]
@@ -298,8 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--val-hypotheses", action="store_true",
+                    help="first compute the validation split's hypotheses (notebook 04 reads them)")
     args = ap.parse_args(argv)
-    result = run_known_answer(args.seeds, args.models, args.device)
+    result = run_known_answer(args.seeds, args.models, args.device, args.val_hypotheses)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(result["summary"].round(3).to_string(index=False))
     print("\n".join(result["goals"]))

@@ -144,25 +144,27 @@ class Lab:
         return load_config(dict(self.cfg), [f"{k}={v}" for k, v in overrides.items()])
 
     # -- steps ----------------------------------------------------------------------------------
+    def _split_hypotheses(self, split: str, path: Path, progress: bool) -> Dict[str, List[int]]:
+        """``split``'s hypotheses, computed into ``path`` once; another process computing them at the
+        same time (``make reproduce`` runs the known-answer lab beside the notebooks) is waited for."""
+        def compute() -> Dict[str, List[int]]:
+            with run_folder_lock(self.results / "runs" / f"hypotheses_{split}", "hypotheses"):
+                return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
+                    self.cfg, self.clip, split, path, text=self.text, progress=progress))
+
+        return wait_while_locked(compute, f"hypotheses of {split}")
+
     def hypotheses(self, progress: bool = False) -> Dict[str, List[int]]:
         """Image-level hypotheses of the training split (computed once, then read from disk)."""
         t0 = time.perf_counter()
-
-        def compute() -> Dict[str, List[int]]:
-            with run_folder_lock(self.results / "runs", "hypotheses"):  # one process computes, others wait
-                return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
-                    self.cfg, self.clip, self.cfg["train_split"], self.results / "hypotheses.json", text=self.text,
-                    progress=progress))
-
-        hyps = wait_while_locked(compute, "hypotheses")
+        hyps = self._split_hypotheses(self.cfg["train_split"], self.results / "hypotheses.json", progress)
         self.timings.setdefault("hypotheses", round(time.perf_counter() - t0, 1))
         return hyps
 
     def val_hypotheses(self) -> Dict[str, List[int]]:
         """Hypotheses of the validation images, computed label-free exactly like the training ones."""
         split = self.cfg["val_split"]
-        return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
-            self.cfg, self.clip, split, self.results / f"hypotheses_{split}.json", text=self.text, progress=False))
+        return self._split_hypotheses(split, self.results / f"hypotheses_{split}.json", False)
 
     def hypothesis_quality(self) -> Dict[str, Any]:
         """Precision/recall of the hypotheses of the *validation* split against its labels

@@ -185,7 +185,9 @@ class LabProcess:
 
 
 def lab_command(device: str) -> List[str]:
-    return [sys.executable, "-m", "reclip_core.known_answer", "--device", device]
+    # the validation hypotheses first: notebook 04 needs them, and the notebooks meanwhile compute
+    # the training split's, which this lab waits for
+    return [sys.executable, "-m", "reclip_core.known_answer", "--device", device, "--val-hypotheses"]
 
 
 def prepare_known_world(device: str) -> None:

@@ -248,3 +248,13 @@ def test_a_locked_run_is_waited_for_then_read(tmp_path, capsys):
     t.join()
     assert len(calls) >= 4  # refused while held, then read once released
     assert capsys.readouterr().err.count("waiting") == 1  # said once, not at every poll
+
+
+def test_reproduce_starts_the_lab_with_arguments_it_accepts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(known_answer, "run_known_answer", lambda *a: calls.append(a) or
+                        {"summary": pd.DataFrame(), "goals": []})
+    command = reproduce.lab_command("cpu")
+    assert command[1:3] == ["-m", "reclip_core.known_answer"]
+    assert known_answer.main(command[3:]) == 0
+    assert calls == [(list(known_answer.SEEDS), list(known_answer.MODELS), "cpu", True)]  # val hypotheses first
