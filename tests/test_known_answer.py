@@ -69,14 +69,13 @@ def _fake_lab(monkeypatch, tmp_path, script: str) -> None:
     monkeypatch.setattr(reproduce, "lab_command", lambda device: [sys.executable, "-c", script, device])
 
 
-#: a lab that writes its table and provenance, and its device, into the results tree
+#: a lab that writes its table (copied from the argument's folder) and provenance with its device
 WRITING_LAB = r"""
-import json, os, sys
+import json, os, shutil, sys
 from pathlib import Path
 folder = Path(os.environ["RECLIP_RESULTS"]) / "toy" / "known"
 folder.mkdir(parents=True, exist_ok=True)
-(folder / "known_answer.csv").write_text("model,runs,mIoU,mIoU sd,class TVD,class TVD sd,space TVD,space TVD sd,"
-                                         "recovery,recovery sd\nReCLIP++,3,50.0,1.0,0.1,0.0,0.2,0.0,0.5,0.1\n")
+shutil.copy(Path(sys.argv[2]) / "known_answer.csv", folder / "known_answer.csv")
 (folder / "known_answer.json").write_text(json.dumps({"seeds": [0, 1, 2], "goals": ["- goal"], "wall_s": 12.5,
                                                       "device": sys.argv[1]}))
 """
@@ -88,6 +87,9 @@ def test_reproduce_runs_the_lab_beside_the_notebooks(monkeypatch, tmp_path, prof
     executed, events = [], []
     _fake_papermill(monkeypatch, executed)
     _fake_lab(monkeypatch, tmp_path, WRITING_LAB)
+    table = _write_lab_files(tmp_path / "prepared").parent.parent  # the lab files, read by the fake lab
+    monkeypatch.setattr(reproduce, "lab_command",
+                        lambda device: [sys.executable, "-c", WRITING_LAB, device, str(table / "toy" / "known")])
     start, finish = reproduce.start_known_answer, reproduce.finish_known_answer
     monkeypatch.setattr(reproduce, "start_known_answer", lambda d: events.append(("start", list(executed))) or start(d))
     monkeypatch.setattr(reproduce, "finish_known_answer",
@@ -246,7 +248,7 @@ def test_a_locked_run_is_waited_for_then_read(tmp_path, capsys):
 
     assert wait_while_locked(compute, "run-seed0", poll_s=0.01) == "trained"
     t.join()
-    assert len(calls) >= 4  # refused while held, then read once released
+    assert len(calls) >= 3  # refused twice while held (released only at the third try), then read
     assert capsys.readouterr().err.count("waiting") == 1  # said once, not at every poll
 
 
@@ -258,3 +260,13 @@ def test_reproduce_starts_the_lab_with_arguments_it_accepts(monkeypatch):
     assert command[1:3] == ["-m", "reclip_core.known_answer"]
     assert known_answer.main(command[3:]) == 0
     assert calls == [(list(known_answer.SEEDS), list(known_answer.MODELS), "cpu", True)]  # val hypotheses first
+
+
+def test_goal_lines_say_above_when_a_model_raises_a_tvd():
+    rows = [{"model": "MaskCLIP (no planted bias)", "seed": None, "mIoU": 71.6, "class TVD": 0.1, "space TVD": 0.1},
+            {"model": "MaskCLIP (planted bias)", "seed": None, "mIoU": 54.4, "class TVD": 0.1, "space TVD": 0.2}]
+    rows += [{"model": "ReCLIP++", "seed": s, "mIoU": 40.0, "class TVD": 0.2, "space TVD": 0.05, "recovery": 0.0}
+             for s in range(3)]
+    text = "\n".join(known_answer.goal_lines(known_answer.summarise(pd.DataFrame(rows))))
+    assert "class TVD 0.200 ± 0.000, 100% above MaskCLIP's (goal ≥ 50% below: MISSED)" in text
+    assert "space TVD 0.050 ± 0.000, 75% below MaskCLIP's (goal ≥ 50% below: met)" in text
