@@ -5,7 +5,8 @@ underflows: on the toy runs, from within the first epoch, 10–19 % of the entri
 reaching the decoder's convolution are denormal (|x| < 1.18e-38). x86 CPUs compute on denormals in
 microcode, and that convolution's backward, the bulk of a step, then runs several times slower.
 Flushing them to zero (FTZ/DAZ) changes a result only where a denormal survives a sum with normal
-numbers; the toy runs' trained weights are bit-identical with and without it (docs/training.md).
+numbers: ReCLIP++ and the rectification train on the toy world to bit-identical weights with and
+without it, ReCLIP to other weights (docs/training.md).
 """
 from __future__ import annotations
 
