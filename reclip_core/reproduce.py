@@ -1,4 +1,5 @@
-"""`make reproduce`: execute the six notebooks in order with papermill and write a summary.
+"""`make reproduce`: execute the six notebooks in order with papermill (toy profile: the known-answer
+lab in a second process beside them) and write a summary.
 
     python -m reclip_core.reproduce                       # toy profile, CPU, minutes
     python -m reclip_core.reproduce --profile paper --dataset voc --device cuda
