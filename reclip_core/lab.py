@@ -80,19 +80,15 @@ def recompute_if_stale(compute: Callable[[], T]) -> T:
         return compute()
 
 
-def wait_while_locked(compute: Callable[[], T], what: str, poll_s: float = 2.0) -> T:
+def wait_while_locked(compute: Callable[[], T], poll_s: float = 2.0) -> T:
     """Run ``compute``; while another process holds the lock it needs (``make reproduce`` runs the
     known-answer lab beside the notebooks, and both use the same runs), wait and try again: the
-    other process's finished work is then read, not redone."""
-    told = False
+    other process's finished work is then read, not redone. Silent: which process waits depends on
+    timing, and a notebook's outputs must not."""
     while True:
         try:
             return compute()
-        except RunFolderLocked as err:
-            if not told:
-                pid = err.holder.get("pid", "?")
-                print(f"[reclip] {what}: another process (pid {pid}) is computing it; waiting.", file=sys.stderr)
-                told = True
+        except RunFolderLocked:
             time.sleep(poll_s)
 
 
@@ -152,7 +148,7 @@ class Lab:
                 return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
                     self.cfg, self.clip, split, path, text=self.text, progress=progress))
 
-        return wait_while_locked(compute, f"hypotheses of {split}")
+        return wait_while_locked(compute)
 
     def hypotheses(self, progress: bool = False) -> Dict[str, List[int]]:
         """Image-level hypotheses of the training split (computed once, then read from disk)."""
@@ -215,7 +211,7 @@ class Lab:
         # The per-epoch log goes to runs/<name>-seed<seed>/loss.csv; keep notebook outputs to the results.
         with contextlib.redirect_stdout(io.StringIO()):
             wait_while_locked(lambda: recompute_if_stale(lambda: train(
-                cfg, hypotheses=hypotheses, clip=self.clip, run_dir=run_dir, progress=progress)), run_dir.name)
+                cfg, hypotheses=hypotheses, clip=self.clip, run_dir=run_dir, progress=progress)))
         self.timings[f"train {run_dir.name}"] = round(time.perf_counter() - t0, 1)
         model = self.model(kind, **{k: v for k, v in overrides.items() if k != 'feature_cache_path'})
         load_model_weights(model, run_dir)
