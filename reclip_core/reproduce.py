@@ -123,8 +123,7 @@ def run(profile: str = "toy", dataset: Optional[str] = None, device: str = "auto
     try:
         run_notebooks(pm, profile, dataset, params, only, inplace, out_dir, timings)
         if lab is not None:
-            finish_known_answer(lab)
-            timings[KNOWN_ANSWER_STEP] = lab.seconds
+            timings[KNOWN_ANSWER_STEP] = finish_known_answer(lab)
     finally:
         if lab is not None:
             lab.stop()
@@ -163,16 +162,9 @@ class LabProcess:
     def __init__(self, command: Sequence[str]):
         self.log = RESULTS_DIR / "toy" / "known" / "runs" / "known_answer.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.perf_counter()
         with open(self.log, "w", encoding="utf-8") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "RECLIP_RESULTS": str(RESULTS_DIR)})
-        self.seconds = 0.0
-
-    def wait(self) -> int:
-        rc = self.proc.wait()
-        self.seconds = round(time.perf_counter() - self.t0, 1)
-        return rc
 
     def stop(self) -> None:
         """End the lab if it still runs (the notebooks failed or the run was interrupted)."""
@@ -209,16 +201,18 @@ def start_known_answer(device: str) -> LabProcess:
     return LabProcess(lab_command(device))
 
 
-def finish_known_answer(lab: LabProcess) -> None:
-    """Wait for the lab; a failed lab fails the run, with the end of its log."""
+def finish_known_answer(lab: LabProcess) -> float:
+    """Wait for the lab → its own run time (seconds, from its JSON); a failed lab fails the run,
+    with the end of its log."""
     print("[reproduce] waiting for the known-answer lab …", flush=True)
-    if lab.wait() != 0:
+    if lab.proc.wait() != 0:
         tail = "\n".join(lab.log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
         raise RuntimeError(f"the known-answer lab failed (exit status {lab.proc.returncode}); the end of its log "
                            f"{lab.log}:\n{tail}")
     meta = RESULTS_DIR / "toy" / "known" / "known_answer.json"
-    lab.seconds = json.loads(meta.read_text(encoding="utf-8")).get("wall_s", lab.seconds)  # its own time
-    print(f"[reproduce] known-answer lab done in {lab.seconds} s", flush=True)
+    seconds = float(json.loads(meta.read_text(encoding="utf-8"))["wall_s"])
+    print(f"[reproduce] known-answer lab done in {seconds} s", flush=True)
+    return seconds
 
 
 def publish_executed_copy(notebook: Path, out_dir: Path) -> Path:
