@@ -11,21 +11,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from reclip_core.machine import cpu_model
+
 
 # ---------------------------------------------------------------------------------------------
 # Machine
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def load_average() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]

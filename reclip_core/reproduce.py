@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic_io import atomic_write_text
+from .machine import describe_machine
 from .paths import NOTEBOOK_DIR, RESULTS_DIR, notebooks
 from .profiles import check_parameters
 
@@ -268,7 +269,7 @@ def write_summary(profile: str, dataset: str, timings: Dict[str, float]) -> Path
 
         lines += summary_section(base)
     if timings:
-        lines += ["## Run times", "", "| step | seconds |", "|---|---:|"]
+        lines += ["## Run times", "", f"On {describe_machine()}.", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| [{name}](notebooks/{name}) | {secs} |" if name.endswith(".ipynb") else f"| {name} | {secs} |"
                   for name, secs in timings.items()]
         if WALL_STEP not in timings:

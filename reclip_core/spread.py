@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic_io import atomic_write_files
+from .machine import cpu_model
 from .paths import RESULTS_DIR, ROOT, notebooks
 from .result_files import table_markdown
 from .result_tables import (KEY, WORLD, cell_outputs, decimals, long_form, result_tables, source_digest, stale,
@@ -194,8 +194,7 @@ def provenance() -> Dict[str, str]:
     for path in sorted((RESULTS_DIR / "toy").glob(f"{WORLD}/0*.csv")):
         digest.update(path.read_bytes())
     return {"committed tables sha256": digest.hexdigest()[:12], "torch": torch.__version__,
-            "cpu capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine(),
-            "cores": str(os.cpu_count())}
+            "cpu capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model(), "cores": str(os.cpu_count())}
 
 
 def write_tables(settings: Sequence[Setting], work: Path, out: Path, times: Optional[Mapping[str, float]] = None) -> Path:

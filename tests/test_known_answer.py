@@ -15,6 +15,7 @@ import torch
 matplotlib.use("Agg")
 
 from reclip_core import known_answer, known_answer_diagnostics, reproduce  # noqa: E402
+from reclip_core.machine import cpu_model, describe_machine  # noqa: E402
 from reclip_core.model import ReCLIPPP  # noqa: E402
 from reclip_core.toy_clip import build_toy_clip  # noqa: E402
 
@@ -104,6 +105,7 @@ def test_reproduce_runs_the_lab_beside_the_notebooks(monkeypatch, tmp_path, prof
     else:
         assert reproduce.KNOWN_ANSWER_STEP not in summary
     assert f"| {reproduce.WALL_STEP} |" in summary
+    assert f"On {describe_machine()}." in summary  # a time says which CPU it was measured on
 
 
 def test_a_failed_lab_fails_the_run_with_the_end_of_its_log(monkeypatch, tmp_path):
@@ -270,3 +272,13 @@ def test_goal_lines_say_above_when_a_model_raises_a_tvd():
     text = "\n".join(known_answer.goal_lines(known_answer.summarise(pd.DataFrame(rows))))
     assert "class TVD 0.200 ± 0.000, 100% above MaskCLIP's (goal ≥ 50% below: MISSED)" in text
     assert "space TVD 0.050 ± 0.000, 75% below MaskCLIP's (goal ≥ 50% below: met)" in text
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU @ 2.0GHz\nflags\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k))
+    assert cpu_model() == "Example CPU @ 2.0GHz"
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert describe_machine() == "Example CPU @ 2.0GHz, 3 cores"
