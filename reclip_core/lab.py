@@ -142,9 +142,10 @@ class Lab:
     # -- steps ----------------------------------------------------------------------------------
     def _split_hypotheses(self, split: str, path: Path, progress: bool) -> Dict[str, List[int]]:
         """``split``'s hypotheses, computed into ``path`` once; another process computing them at the
-        same time (``make reproduce`` runs the known-answer lab beside the notebooks) is waited for."""
+        same time (``make reproduce`` runs the known-answer lab beside the notebooks) is waited for;
+        the lock is a file beside ``path`` (``.<name>.lock``), gone once they are written."""
         def compute() -> Dict[str, List[int]]:
-            with run_folder_lock(self.results / "runs" / f"hypotheses_{split}", "hypotheses"):
+            with run_folder_lock(path.parent, "hypotheses", lock_name=f".{path.stem}.lock"):
                 return recompute_if_stale(lambda: hypothesis.hypotheses_from_config(
                     self.cfg, self.clip, split, path, text=self.text, progress=progress))
 

@@ -59,10 +59,10 @@ def _refusal(run: Path, path: Path, command: str, info: Dict[str, Any]) -> RunFo
         "--set output_dir=<new folder>.", info)
 
 
-def _acquire(run: Path, command: str) -> int:
+def _acquire(run: Path, command: str, lock_name: str = LOCK_NAME) -> int:
     """Lock ``run``'s lock file; returns the open descriptor. Raises :class:`RunFolderLocked`."""
     run.mkdir(parents=True, exist_ok=True)
-    path = run / LOCK_NAME
+    path = run / lock_name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -89,15 +89,15 @@ def _acquire(run: Path, command: str) -> int:
         os.write(fd, (json.dumps(info) + "\n").encode())
         os.fsync(fd)
     except BaseException:
-        _release(run, fd)
+        _release(run, fd, lock_name)
         raise
     return fd
 
 
-def _release(run: Path, fd: int) -> None:
+def _release(run: Path, fd: int, lock_name: str = LOCK_NAME) -> None:
     # Remove the file while still holding the lock, so no one can lock it in between and lose it.
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(run / LOCK_NAME)
+        os.unlink(run / lock_name)
     os.close(fd)  # closing the last descriptor drops the flock
 
 
@@ -121,10 +121,12 @@ def _broadcast_refusal(message: Optional[str]) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def run_folder_lock(run: os.PathLike, command: str) -> Iterator[Optional[Path]]:
-    """Hold ``<run>/.reclip.lock`` for the ``with`` block; yields the lock file (None where not locked).
+def run_folder_lock(run: os.PathLike, command: str, lock_name: str = LOCK_NAME) -> Iterator[Optional[Path]]:
+    """Hold ``<run>/<lock_name>`` (``.reclip.lock``) for the ``with`` block; yields the lock file
+    (None where not locked).
 
-    ``command`` names the holder in the refusal message (``"train"``, ``"evaluate"``). Raises
+    ``command`` names the holder in the refusal message (``"train"``, ``"evaluate"``); another
+    ``lock_name`` guards one file of a shared folder instead of the whole folder. Raises
     :class:`RunFolderLocked` when a live process holds it. Under DDP only rank 0 takes the lock."""
     run = Path(run)
     group = _process_group()
@@ -133,7 +135,7 @@ def run_folder_lock(run: os.PathLike, command: str) -> Iterator[Optional[Path]]:
     refused: Optional[RunFolderLocked] = None
     if rank == 0 and fcntl is not None:
         try:
-            fd = _acquire(run, command)
+            fd = _acquire(run, command, lock_name)
         except RunFolderLocked as err:
             refused = err
         except OSError as err:
@@ -150,10 +152,10 @@ def run_folder_lock(run: os.PathLike, command: str) -> Iterator[Optional[Path]]:
             raise refused
         if message is not None:
             raise RunFolderLocked(message)
-        yield run / LOCK_NAME if fd is not None else None
+        yield run / lock_name if fd is not None else None
     finally:
         if fd is not None:
-            _release(run, fd)
+            _release(run, fd, lock_name)
 
 
 __all__ = ("run_folder_lock", "RunFolderLocked", "LOCK_NAME")

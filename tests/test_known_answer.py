@@ -282,3 +282,25 @@ def test_the_cpu_model_is_read_from_cpuinfo(monkeypatch, tmp_path):
     assert cpu_model() == "Example CPU @ 2.0GHz"
     monkeypatch.setattr("os.cpu_count", lambda: 3)
     assert describe_machine() == "Example CPU @ 2.0GHz, 3 cores"
+
+
+def test_hypotheses_are_locked_by_a_file_beside_them_that_goes_away(tmp_path, monkeypatch):
+    from reclip_core import hypothesis
+    from reclip_core.lab import Lab
+    from reclip_core.run_lock import RunFolderLocked, run_folder_lock
+
+    seen = []
+
+    def compute(cfg, clip, split, path, **kw):  # what another process sees while they are computed
+        with pytest.raises(RunFolderLocked):
+            with run_folder_lock(tmp_path, "hypotheses", lock_name=".hypotheses_val.lock"):
+                pass
+        seen.append(sorted(p.name for p in tmp_path.rglob("*")))
+        return {"im0": [1]}
+
+    monkeypatch.setattr(hypothesis, "hypotheses_from_config", compute)
+    lab = Lab("toy", "known", torch.device("cpu"), 0, {"val_split": "val"}, tmp_path)
+    lab.__dict__.update(clip=None, text=None)  # the cached properties: not needed by the fake
+    assert lab.val_hypotheses() == {"im0": [1]}
+    assert seen == [[".hypotheses_val.lock"]]  # held beside the file, not in a folder of its own
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
