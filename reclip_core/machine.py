@@ -1,8 +1,7 @@
 """What a timing was measured on: the CPU's model name and its core count.
 
-Run times only compare on the same machine, and this project's machines differ from run to run,
-so every file that reports a time (``summary.md``, ``spread.md``, ``results/benchmarks.md``) says
-which CPU it came from.
+Run times only compare on the same machine, so every file that reports a time (``summary.md``,
+``spread.md``, ``results/benchmarks.md``) says which CPU it came from.
 """
 from __future__ import annotations
 
