@@ -123,4 +123,4 @@ lab.save_figure(plots.plot_segmentations(ex["images"], {"truth": ex["labels"], "
                                                         "rectified": ex["rectified"], "Gumbel draw": gumbel,
                                                         "ReCLIP++": ex["reclip++"]},
                                          len(lab.class_names), lab.class_names), "04_examples")
-print("checkpoint:", lab.run_dir("reclip++") / "checkpoints")
+print("checkpoint:", (lab.run_dir("reclip++") / "checkpoints").relative_to(rc.lab.RESULTS_DIR.parent))  # no machine path
