@@ -166,8 +166,9 @@ def _pooled_embedding(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_tokens(clip: nn.Module, last: nn.Module, x: torch.Tensor, ln_eps: Optional[float],
-                  hw: Tuple[int, int]) -> torch.Tensor:
-    """MaskCLIP dense features [B, h*w, D], L2-normalised, from the tokens entering the last block."""
+                  hw: Tuple[int, int], images: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP dense features [B, h*w, D], L2-normalised, from the tokens entering the last block
+    (``images``: what they came from, read by a planted patch noise)."""
     d = _value_path(last, x[:, 1:], ln_eps)  # the class token does not influence patches here
     feat = F.normalize(_project(clip, d), dim=-1)
     planted = getattr(clip.visual, "planted_bias", None)
@@ -175,6 +176,9 @@ def _dense_tokens(clip: nn.Module, last: nn.Module, x: torch.Tensor, ln_eps: Opt
         # the toy CLIP's known bias (planted_bias.py): added after the normalisation, so the cosine
         # logits move by exactly the planted map
         feat = feat + planted.feature_offset(hw).to(feat)
+    if planted is not None and planted.noise_sigma > 0:
+        # its patch noise, a function of each patch's pixels: in the features whatever ``where`` is
+        feat = feat + planted.noise_offset(images).to(feat)
     return feat
 
 
@@ -189,7 +193,7 @@ def image_and_dense_features(
     CLIP's pretraining losses on dense features."""
     x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
     image = F.normalize(_pooled_embedding(clip, _block(last, x, ln_eps)), dim=-1)
-    return image, _dense_tokens(clip, last, x, ln_eps, hw), hw
+    return image, _dense_tokens(clip, last, x, ln_eps, hw, images), hw
 
 
 def encode_image_cls(
@@ -228,7 +232,7 @@ def dense_features(
     1e-6); ``cls_token`` replaces the class embedding (a tensor or a path to one).
     """
     x, hw, last = _tokens_before_last(clip, images, ln_eps, cls_token)
-    feat = _dense_tokens(clip, last, x, ln_eps, hw)  # [B, h*w, D]
+    feat = _dense_tokens(clip, last, x, ln_eps, hw, images)  # [B, h*w, D]
     B = feat.shape[0]
     return feat.transpose(1, 2).reshape(B, -1, hw[0], hw[1]), hw
 

@@ -20,6 +20,20 @@ The planted map, in cosine-logit units, at the token centres (x, y) ∈ (0, 1)²
 width ``σ_c``) favours class c in one region, a smooth field of position. Specs are data:
 ``reclip_core/presets/planted_bias_<name>.yaml``.
 
+An optional **patch noise** (``patch_noise: {sigma, seed}`` in a spec) makes the patches noisier
+than the regions they pool into, as on real CLIP, whose single patches are read less reliably than
+whole objects. It is zero-mean logit noise in the span of the class texts, a deterministic function
+of each patch's pixels, so every view of an image carries its own, and pooling over a region
+averages it away while a smooth bias stays:
+
+    u_p = R (x_p − x̄_p)                        (x_p the patch's CLIP-normalised pixels, x̄_p their
+                                                  mean per channel, R a fixed Gaussian [C, 3·P·P])
+    n_p = σ · √C · u_p / |u_p|                  (each class's logit moves by about σ at random)
+    noise offset  T⁺ n_p,   so the logits move by n_p exactly
+
+It is the CLIP's own property, not the bias: ``scale`` leaves it unchanged, it enters the features
+for either ``where``, and the planted map B* does not contain it.
+
 A diagnostic variant (``where="logits"``) adds B* to the segmenters' CLIP logits instead and leaves
 the dense features clean: the same biased MaskCLIP, but the training loss, which pools the dense
 features, no longer reads the bias. It separates "the loss reads the bias" from "the optimisation
@@ -34,6 +48,7 @@ from typing import Any, Mapping, Sequence, Tuple
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from .datasets.toyworld_presets import toyworld_class_names
 from .text import PROMPT_TEMPLATES, text_embeddings
@@ -65,6 +80,10 @@ def load_spec(name_or_path: str | os.PathLike | Mapping[str, Any]) -> dict:
     if not isinstance(spec, dict) or "world" not in spec:
         raise ValueError("a planted-bias spec is a mapping with 'world', 'templates', 'class_preference' "
                          "and 'space_preference'; copy reclip_core/presets/planted_bias_known.yaml")
+    noise = spec.get("patch_noise")
+    if noise is not None and (not isinstance(noise, Mapping) or set(noise) != {"sigma", "seed"}
+                              or not float(noise["sigma"]) >= 0):
+        raise ValueError("patch_noise must be {sigma: >= 0 (cosine-logit units), seed: an integer}")
     for name, bump in (spec.get("space_preference") or {}).items():
         if set(bump) != {"amplitude", "centre", "sigma"} or len(bump["centre"]) != 2 or not bump["sigma"] > 0:
             raise ValueError(f"space_preference[{name!r}] must be {{amplitude, centre: [x, y], sigma > 0}}")
@@ -87,7 +106,8 @@ class PlantedBias(nn.Module):
     WHERE = ("features", "logits")
 
     def __init__(self, text: torch.Tensor, class_preference: torch.Tensor, amplitude: torch.Tensor,
-                 centre: torch.Tensor, sigma: torch.Tensor, where: str = "features"):
+                 centre: torch.Tensor, sigma: torch.Tensor, where: str = "features",
+                 noise_sigma: float = 0.0, noise_projection: torch.Tensor | None = None, patch: int = 4):
         super().__init__()
         if where not in self.WHERE:
             raise ValueError(f"a planted bias enters the dense features or the logits: where in {self.WHERE}, got {where!r}")
@@ -104,6 +124,15 @@ class PlantedBias(nn.Module):
         self.register_buffer("amplitude", amplitude.double())
         self.register_buffer("centre", centre.double())  # [C, 2] as (x, y)
         self.register_buffer("sigma", sigma.double())
+        # patch noise: its size σ and the fixed projection R [C, 3·P·P] of a patch's pixels
+        # (buffers only when there is noise, so a CLIP without it keeps its fingerprint and caches)
+        self.noise_sigma, self.patch = float(noise_sigma), int(patch)
+        self.register_buffer("noise_projection", None)  # a None buffer is not in the state_dict
+        if self.noise_sigma > 0:
+            if noise_projection is None or tuple(noise_projection.shape) != (C, 3 * patch * patch):
+                raise ValueError(f"patch noise needs a projection [C, 3·P·P] = [{C}, {3 * patch * patch}]")
+            self.register_buffer("noise_projection", noise_projection.double())
+            self.register_buffer("noise_size", torch.tensor([self.noise_sigma, float(patch)], dtype=torch.float64))
 
     @property
     def num_classes(self) -> int:
@@ -124,14 +153,32 @@ class PlantedBias(nn.Module):
         planted = self.logit_map(hw).flatten(1).to(self.dual.dtype)  # [C, h*w]
         return (self.dual @ planted).T
 
+    def patch_noise(self, images: torch.Tensor) -> torch.Tensor:
+        """n [B, h*w, C]: the logit noise of each patch of ``images`` [B, 3, H, W] (CLIP-normalised)."""
+        B, patch = images.shape[0], self.patch
+        x = F.unfold(images.double(), kernel_size=patch, stride=patch)  # [B, 3·P·P, h*w]
+        x = x.view(B, 3, patch * patch, -1)
+        x = (x - x.mean(2, keepdim=True)).flatten(1, 2)  # the patch's texture, its colour removed
+        # u_p = R (x_p − x̄_p);  n_p = σ · √C · u_p / |u_p|
+        u = torch.einsum("ck,bkp->bpc", self.noise_projection, x)  # [B, h*w, C]
+        C = u.shape[-1]
+        return self.noise_sigma * C ** 0.5 * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def noise_offset(self, images: torch.Tensor) -> torch.Tensor:
+        """T⁺ n_p [B, h*w, D] for each patch of ``images`` (a zero scalar without patch noise)."""
+        if self.noise_projection is None:
+            return images.new_zeros(())
+        return (self.patch_noise(images) @ self.dual.double().T).to(images.dtype)
+
     def forward(self, hw: Tuple[int, int]) -> torch.Tensor:
         return self.feature_offset(hw)
 
 
 def planted_bias_from_spec(spec: Mapping[str, Any], names: Sequence[str], text: torch.Tensor,
-                           scale: float = 1.0, where: str = "features") -> PlantedBias:
+                           scale: float = 1.0, where: str = "features", patch: int = 4) -> PlantedBias:
     """A :class:`PlantedBias` for the classes ``names`` (text features ``text`` [C, D]) from a spec;
-    ``scale`` multiplies every amplitude (0: no bias, the offset is zero)."""
+    ``scale`` multiplies every amplitude (0: no bias, the offset is zero), not the patch noise, whose
+    projection reads patches of ``patch`` pixels."""
     names = list(names)
     unknown = (set(spec.get("class_preference") or {}) | set(spec.get("space_preference") or {})) - set(names)
     if unknown:
@@ -145,7 +192,11 @@ def planted_bias_from_spec(spec: Mapping[str, Any], names: Sequence[str], text: 
         c = names.index(name)
         amp[c], sigma[c] = float(bump["amplitude"]), float(bump["sigma"])
         centre[c] = torch.tensor([float(v) for v in bump["centre"]])
-    return PlantedBias(text, scale * pref, scale * amp, centre, sigma, where)
+    noise = spec.get("patch_noise") or {"sigma": 0.0, "seed": 0}
+    gen = torch.Generator().manual_seed(int(noise["seed"]))
+    projection = torch.randn(C, 3 * patch * patch, generator=gen, dtype=torch.float64)
+    return PlantedBias(text, scale * pref, scale * amp, centre, sigma, where, float(noise["sigma"]), projection,
+                       patch)
 
 
 def plant_bias(clip: nn.Module, spec: str | os.PathLike | Mapping[str, Any], scale: float = 1.0,
@@ -159,7 +210,9 @@ def plant_bias(clip: nn.Module, spec: str | os.PathLike | Mapping[str, Any], sca
     templates = PROMPT_TEMPLATES if spec.get("templates", "all") == "all" else list(spec["templates"])
     param = next(clip.parameters())
     text = text_embeddings(clip, names, templates).to(param.device)
-    clip.visual.planted_bias = planted_bias_from_spec(spec, names, text, scale, where).to(param.device)
+    patch = clip.visual.patch_size
+    patch = int(patch if isinstance(patch, int) else patch[0])
+    clip.visual.planted_bias = planted_bias_from_spec(spec, names, text, scale, where, patch).to(param.device)
     clip.planted_bias_spec = dict(spec, scale=scale, where=where)
     clip.planted_bias_names = names  # the classes of B*'s rows, in order
     return clip

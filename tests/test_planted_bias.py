@@ -112,6 +112,79 @@ def test_spec_errors_say_what_to_fix(tmp_path):
         load_config_clip({"clip": {"arch": "ViT-B-16", "pretrained": None, "planted_bias": "known"}}, "cpu")
 
 
+# ---------------------------------------------------------------------------------- patch noise
+def _noisy(text: torch.Tensor, sigma: float = 0.2, patch: int = 2, seed: int = 0) -> PlantedBias:
+    C = text.shape[0]
+    projection = torch.randn(C, 3 * patch * patch, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return PlantedBias(text, torch.zeros(C), torch.zeros(C), torch.full((C, 2), 0.5), torch.ones(C),
+                       noise_sigma=sigma, noise_projection=projection, patch=patch)
+
+
+def test_patch_noise_equals_its_definition_on_a_hand_made_image():
+    text = torch.eye(3, 5)
+    planted = _noisy(text, sigma=0.2, patch=2)
+    image = torch.arange(3 * 2 * 4, dtype=torch.float32).view(1, 3, 2, 4) ** 1.5 / 10  # two 2×2 patches
+    noise = planted.patch_noise(image)  # [1, 2, 3]
+    for p, cols in enumerate((slice(0, 2), slice(2, 4))):
+        x = image[0, :, :, cols].double().reshape(3, 4)  # the patch's pixels per channel, row-major
+        u = planted.noise_projection @ (x - x.mean(1, keepdim=True)).reshape(-1)
+        assert torch.allclose(noise[0, p], 0.2 * 3 ** 0.5 * u / u.norm(), atol=1e-12)
+    # its offset moves each class text's score by exactly the noise
+    offset = planted.noise_offset(image)  # [1, 2, D]
+    assert torch.allclose(offset @ text.T, noise.float(), atol=1e-6)
+
+
+def test_patch_noise_ignores_colour_and_averages_away_over_a_region():
+    gen = torch.Generator().manual_seed(4)
+    text = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen) + 1.0, dim=-1)
+    planted = _noisy(text, sigma=0.3, patch=4)
+    image = torch.randn(2, 3, 64, 64, generator=gen)
+    noise = planted.patch_noise(image)  # [2, 256, 6]
+    assert torch.allclose(noise.norm(dim=-1), torch.full((2, 256), 0.3 * 6 ** 0.5, dtype=torch.float64))
+    assert 0.2 < float(noise.std()) < 0.4  # each class's logit moves by about sigma
+    assert float(noise.mean(1).abs().max()) < 0.1  # pooled over the image it is nearly gone
+    # a colour added to every pixel of a patch (per channel) leaves its noise unchanged
+    tinted = image + torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+    assert torch.allclose(planted.patch_noise(tinted), noise, atol=1e-5)  # float32 image: rounding only
+    assert not torch.allclose(planted.patch_noise(image.flip(-1)), noise)  # another image, other noise
+
+
+def test_planted_clip_with_patch_noise_moves_the_logits_by_the_map_plus_the_noise():
+    spec = dict(load_spec("known"), patch_noise={"sigma": 0.2, "seed": 0})
+    plain = _random_toy_clip()
+    noisy = plant_bias(_random_toy_clip(), spec)
+    noise_only = plant_bias(_random_toy_clip(), spec, scale=0.0)
+    x = _images()
+    text = text_embeddings(plain, noisy.planted_bias_names, PROMPT_TEMPLATES)
+    f0, hw = dense_features(plain, x)
+    noise = noisy.visual.planted_bias.patch_noise(x).float()  # [B, h*w, C]
+    noise = noise.transpose(1, 2).reshape(x.shape[0], -1, *hw)  # [B, C, h, w]
+    moved = clip_logits(dense_features(noisy, x)[0], text) - clip_logits(f0, text)
+    assert torch.allclose(moved, planted_map(noisy, hw) + noise, atol=1e-5)
+    assert torch.allclose(clip_logits(dense_features(noise_only, x)[0], text) - clip_logits(f0, text), noise,
+                          atol=1e-5)
+    # the class-token path is untouched, the planted map does not contain the noise, and the
+    # noise has its own fingerprint
+    assert torch.equal(encode_image_cls(plain, x), encode_image_cls(noisy, x))
+    assert torch.equal(planted_map(noisy, hw), planted_map(plant_bias(_random_toy_clip(), "known"), hw))
+    louder = plant_bias(_random_toy_clip(), dict(spec, patch_noise={"sigma": 0.3, "seed": 0}))
+    fingerprints = {clip_fingerprint(c) for c in (plant_bias(_random_toy_clip(), "known"), noisy, louder)}
+    assert len(fingerprints) == 3
+    # in the logits-only diagnostic the noise stays in the features: it is the CLIP's, not the bias
+    in_logits = plant_bias(_random_toy_clip(), spec, where="logits")
+    assert torch.allclose(clip_logits(dense_features(in_logits, x)[0], text) - clip_logits(f0, text), noise,
+                          atol=1e-5)
+
+
+def test_patch_noise_spec_errors_say_what_to_fix():
+    for bad in ({"sigma": -0.1, "seed": 0}, {"sigma": 0.2}, 0.2):
+        with pytest.raises(ValueError, match="patch_noise"):
+            load_spec(dict(load_spec("known"), patch_noise=bad))
+    with pytest.raises(ValueError, match="projection"):
+        PlantedBias(torch.eye(2, 4), torch.zeros(2), torch.zeros(2), torch.zeros(2, 2), torch.ones(2),
+                    noise_sigma=0.1, noise_projection=torch.zeros(2, 5), patch=2)
+
+
 # ---------------------------------------------------------------------------------- recovery
 def _planted_example() -> torch.Tensor:
     text = torch.eye(4, 8)
