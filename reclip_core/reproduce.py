@@ -147,8 +147,7 @@ def run_notebooks(pm, profile: str, dataset: str, params: Dict, only: Optional[S
         partial = target.with_name(f".{target.stem}.partial.ipynb")  # papermill warns on other suffixes
         pm.execute_notebook(str(nb), str(partial), parameters=params, kernel_name="python3",
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
-        if inplace:
-            strip_run_metadata(partial)
+        strip_run_metadata(partial, keep_parameters=not inplace)
         os.replace(partial, target)
         if inplace:
             publish_executed_copy(target, out_dir)
@@ -224,31 +223,37 @@ def publish_executed_copy(notebook: Path, out_dir: Path) -> Path:
     return dest
 
 
-def strip_run_metadata(path: Path) -> None:
-    """Make an executed notebook fit to commit beside its py:percent twin: drop papermill's
+def strip_run_metadata(path: Path, keep_parameters: bool = False) -> None:
+    """Make an executed notebook fit to commit: drop the per-run metadata (papermill timings and
+    paths, execution timestamps) that would make every re-run a diff. Outputs and execution counts
+    stay: nbval compares the outputs.
+
+    For the notebook itself (``--inplace``, beside its py:percent twin) also drop papermill's
     injected-parameters cell (the twin has no such cell, and jupytext refuses a pair whose cells
-    differ), the empty tag lists papermill adds (jupytext compares metadata too) and the per-run
-    metadata (papermill timings, execution timestamps) that would make every re-run a diff.
-    Outputs and execution counts stay: nbval compares the outputs."""
-    import nbformat  # import time: only --inplace runs need it
+    differ) and the empty tag lists papermill adds (jupytext compares metadata too). An executed
+    copy (``keep_parameters``) keeps that cell and papermill's record of the parameters: what ran."""
+    import nbformat  # import time: only executed notebooks need it
 
     nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
-    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    if not keep_parameters:
+        nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     count = 0
     for cell in nb["cells"]:
         meta = cell.get("metadata", {})
         for key in ("papermill", "execution"):
             meta.pop(key, None)
-        if meta.get("tags") == []:  # papermill adds `tags: []` to every cell; the twin has none
+        if meta.get("tags") == [] and not keep_parameters:  # papermill adds `tags: []` to every cell
             meta.pop("tags")
         if cell.get("cell_type") == "code":
-            # papermill numbers cells including the dropped one; renumber so the counts read 1, 2, ...
+            # papermill numbers cells including a dropped one; renumber so the counts read 1, 2, ...
             count += 1
             cell["execution_count"] = count
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
                     out["execution_count"] = cell["execution_count"]
-    nb.get("metadata", {}).pop("papermill", None)
+    run = nb.get("metadata", {}).pop("papermill", None)
+    if keep_parameters and run is not None:  # not its paths, times or environment
+        nb["metadata"]["papermill"] = {k: run[k] for k in ("parameters", "version") if k in run}
     atomic_write_text(path, nbformat.writes(nb) + "\n")
 
 

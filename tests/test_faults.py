@@ -692,6 +692,8 @@ def test_18_no_notebook_starts_and_nothing_heavy_is_imported(monkeypatch, tmp_pa
 def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path):
     from reclip_core import reproduce
 
+    COMPLETE = '{"cells": [], "metadata": {"ran": "complete"}, "nbformat": 4, "nbformat_minor": 5}\n'
+
     out = tmp_path / "results" / "toy" / "notebooks"
     out.mkdir(parents=True)
     second = reproduce.notebooks()[1].name
@@ -701,7 +703,7 @@ def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path
         Path(dst).write_text("half-executed\n")
         if Path(src).name == second:
             raise RuntimeError("kernel died")
-        Path(dst).write_text("complete\n")
+        Path(dst).write_text(COMPLETE)
 
     fake = type(sys)("papermill")
     fake.execute_notebook = execute_notebook
@@ -710,7 +712,7 @@ def test_19_failed_notebook_run_leaves_no_partial_notebook(monkeypatch, tmp_path
     with pytest.raises(RuntimeError, match="kernel died"):
         reproduce.run("toy", None, "cpu")
     first = reproduce.notebooks()[0].name
-    assert (out / first).read_text() == "complete\n"
+    assert json.loads((out / first).read_text())["metadata"] == {"ran": "complete"}
     assert (out / second).read_text() == "previous complete run\n"  # the previous copy is intact
     assert (out / f".{Path(second).stem}.partial.ipynb").is_file()  # kept for inspection, under a name that never looks complete
     assert not (tmp_path / "results" / "toy" / "summary.md").exists()

@@ -97,6 +97,28 @@ def test_strip_run_metadata_keeps_outputs_and_drops_the_run(tmp_path):
     assert out.cells[1].metadata == {"tags": ["parameters"]}
 
 
+def test_an_executed_copy_keeps_its_parameters_and_drops_the_run(tmp_path):
+    run = {"parameters": {"profile": "toy", "seed": 0}, "version": "2.6.0", "input_path": "/home/x/01.ipynb",
+           "output_path": "/home/x/out.ipynb", "start_time": "2026-12-04T01:00:00", "duration": 9.5,
+           "environment_variables": {}}
+    nb = nbformat.v4.new_notebook(metadata={"papermill": run})
+    injected = nbformat.v4.new_code_cell("seed = 0", metadata={"tags": ["injected-parameters"],
+                                                               "papermill": {"duration": 0.1}}, execution_count=2)
+    body = nbformat.v4.new_code_cell("print(1)", execution_count=3, metadata={"execution": {"iopub.status.idle": "x"}},
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+    nb.cells = [injected, body]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    reproduce.strip_run_metadata(path, keep_parameters=True)
+    out = nbformat.read(path, as_version=4)
+    assert [c.source for c in out.cells] == ["seed = 0", "print(1)"]
+    assert out.metadata["papermill"] == {"parameters": {"profile": "toy", "seed": 0}, "version": "2.6.0"}
+    assert out.cells[0].metadata == {"tags": ["injected-parameters"]} and out.cells[1].metadata == {}
+    assert [c.execution_count for c in out.cells] == [1, 2]
+    text = path.read_text()
+    assert "/home/x" not in text and "2026-12-04" not in text
+
+
 def test_publish_executed_copy_writes_beside_the_results(tmp_path):
     nb = tmp_path / "01_x.ipynb"
     nb.write_text('{"cells": []}')
