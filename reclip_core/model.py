@@ -84,8 +84,8 @@ class _CLIPSegmenter(nn.Module):
             feat, _ = self.features(images)
         logits = clip_logits(feat, self.text)
         planted = getattr(self.clip.visual, "planted_bias", None)
-        if planted is not None and planted.where == "logits":
-            # the known-answer lab's diagnostic (planted_bias.py): the bias in the logits, features clean
+        if planted is not None and planted.where != "features":
+            # the known-answer lab's diagnostics (planted_bias.py): the bias in the logits, features clean
             logits = logits + planted.logit_map(tuple(feat.shape[-2:])).to(logits)
         return feat, logits
 
@@ -193,13 +193,19 @@ class ReCLIPPP(_CLIPSegmenter):
         feat, logits = self._base(images, feat)
         bias = self.bias_map(tuple(feat.shape[-2:]))
         rectified = rectify(logits, bias)
+        decoder_feat = feat
+        planted = getattr(self.clip.visual, "planted_bias", None)
+        if planted is not None and planted.where in ("loss", "decoder"):
+            # the known-answer lab's diagnostics: the planted offset in the features one reader sees
+            biased = feat + planted.feature_offset_map(tuple(feat.shape[-2:])).to(feat)
+            feat, decoder_feat = (biased, feat) if planted.where == "loss" else (feat, biased)
         out = {
-            "feat": feat,
+            "feat": feat,  # what the loss pools
             "clip_logits": logits,
             "bias_logits": bias.unsqueeze(0).expand(feat.shape[0], -1, -1, -1),
             "rectified": rectified,
         }
-        out["logits"] = self.decoder(feat, rectified) if self.use_decoder else rectified
+        out["logits"] = self.decoder(decoder_feat, rectified) if self.use_decoder else rectified
         return out
 
     def loss(self, out: Dict[str, torch.Tensor], hypotheses: BatchHypotheses,

@@ -37,7 +37,9 @@ for either ``where``, and the planted map B* does not contain it.
 A diagnostic variant (``where="logits"``) adds B* to the segmenters' CLIP logits instead and leaves
 the dense features clean: the same biased MaskCLIP, but the training loss, which pools the dense
 features, no longer reads the bias. It separates "the loss reads the bias" from "the optimisation
-fails" when a model does not remove it.
+fails" when a model does not remove it. ReCLIP++ reads the dense features twice, in its decoder and
+in its loss; ``where="loss"`` and ``where="decoder"`` add B* to the logits and the offset to the
+features of one reader only (the other reads them clean), which separates the two.
 """
 from __future__ import annotations
 
@@ -102,15 +104,17 @@ class PlantedBias(nn.Module):
     """The planted bias of one class list: ``logit_map(hw)`` is B* [C, h, w]; ``feature_offset(hw)``
     the [h*w, D] vectors added to the dense features so that the cosine logits move by exactly B*."""
 
-    #: where the bias enters: "features" (the dense features, exact on the logits) or "logits"
-    WHERE = ("features", "logits")
+    #: where the bias enters: "features" (the dense features, exact on the logits), "logits" (the
+    #: logits only), "loss" / "decoder" (the logits, and the features that ReCLIP++'s loss / decoder reads)
+    WHERE = ("features", "logits", "loss", "decoder")
 
     def __init__(self, text: torch.Tensor, class_preference: torch.Tensor, amplitude: torch.Tensor,
                  centre: torch.Tensor, sigma: torch.Tensor, where: str = "features",
                  noise_sigma: float = 0.0, noise_projection: torch.Tensor | None = None, patch: int = 4):
         super().__init__()
         if where not in self.WHERE:
-            raise ValueError(f"a planted bias enters the dense features or the logits: where in {self.WHERE}, got {where!r}")
+            raise ValueError(f"a planted bias enters the dense features, the logits or one reader of the features: "
+                             f"where in {self.WHERE}, got {where!r}")
         self.where = where
         C, D = text.shape
         if C > D:
@@ -152,6 +156,10 @@ class PlantedBias(nn.Module):
         """b [h*w, D]: b_p = T⁺ B*[:, p]."""
         planted = self.logit_map(hw).flatten(1).to(self.dual.dtype)  # [C, h*w]
         return (self.dual @ planted).T
+
+    def feature_offset_map(self, hw: Tuple[int, int]) -> torch.Tensor:
+        """b as a feature map [1, D, h, w]."""
+        return self.feature_offset(hw).T.reshape(1, -1, *hw)  # [h*w, D] -> [1, D, h, w]
 
     def patch_noise(self, images: torch.Tensor) -> torch.Tensor:
         """n [B, h*w, C]: the logit noise of each patch of ``images`` [B, 3, H, W] (CLIP-normalised)."""

@@ -244,6 +244,33 @@ def test_bias_in_the_logits_only_moves_the_logits_and_leaves_the_features_clean(
         plant_bias(_random_toy_clip(), "known", where="pixels")
 
 
+def test_bias_in_one_reader_of_the_features_loss_or_decoder():
+    from reclip_core.model import ReCLIPPP
+
+    x = _images()
+    clips = {where: plant_bias(_random_toy_clip(), "known", where=where)
+             for where in ("features", "logits", "loss", "decoder")}
+    names = clips["features"].planted_bias_names
+    text = text_embeddings(_random_toy_clip(), names, PROMPT_TEMPLATES)
+    models = {}
+    for where, clip in clips.items():
+        torch.manual_seed(0)  # the same trainable weights in every model
+        models[where] = ReCLIPPP(clip, names, text=text).eval()
+    with torch.no_grad():
+        out = {where: m(images=x) for where, m in models.items()}
+    for where in ("loss", "decoder"):  # the CLIP logits are biased exactly as with the bias in the features
+        assert torch.allclose(out[where]["clip_logits"], out["features"]["clip_logits"], atol=1e-5)
+        assert torch.allclose(out[where]["rectified"], out["features"]["rectified"], atol=1e-5)
+    # "loss": the loss pools the biased features, the decoder reads clean ones
+    assert torch.allclose(out["loss"]["feat"], out["features"]["feat"], atol=1e-6)
+    assert torch.allclose(out["loss"]["logits"], out["logits"]["logits"], atol=1e-4)
+    # "decoder": the other way round
+    assert torch.allclose(out["decoder"]["feat"], out["logits"]["feat"], atol=1e-6)
+    assert torch.allclose(out["decoder"]["logits"], out["features"]["logits"], atol=1e-4)
+    assert not torch.allclose(out["loss"]["logits"], out["decoder"]["logits"], atol=1e-3)
+    assert len({clip_fingerprint(c) for c in clips.values()}) == 4
+
+
 # ---------------------------------------------------------------------------------- the known world
 def test_the_known_answer_config_loads_the_known_clip_with_its_planted_bias():
     from reclip_core.config import load_config
