@@ -1,11 +1,14 @@
 """Evaluation-side diagnostics that read labels: how good the image-level hypotheses are
-(:func:`hypothesis_quality`), and which fixed segmentation the training loss prefers
-(:func:`loss_preference`, on the token grid of :func:`token_labels`). Evaluation code only:
+(:func:`hypothesis_quality`), which fixed segmentation the training loss prefers
+(:func:`loss_preference`, on the token grid of :func:`token_labels`), and, per class, whether the
+loss prefers a class's true mask to an empty one (:func:`class_terms`). Evaluation code only:
 training never sees a label.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -127,4 +130,58 @@ def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence
                         columns=[f"scale {s:g}" for s in score_scales])
 
 
-__all__ = ("hypothesis_quality", "token_labels", "loss_preference")
+def class_mask(seg: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
+    """Fixed logits [1, C, h, w] whose hard mask of class ``k`` is exactly ``seg == k``: every other
+    token goes to one other class, so no Gumbel draw moves a token into or out of k's mask."""
+    other = (k + 1) % num_classes
+    logits = torch.zeros(1, num_classes, *seg.shape, device=seg.device)
+    logits[0, k] = (seg == k).float() * 1e4
+    logits[0, other] = (seg != k).float() * 1e4
+    return logits
+
+
+def class_terms(model: MaskCLIP, dataset, hypotheses: Mapping[str, Sequence[int]], test_size: int,
+                score_scale: float, max_long_side: int = 2048, max_images: Optional[int] = None,
+                ignore_index: int = 255, resize: str = "torch") -> pd.DataFrame:
+    """Per class, the loss's term for that class on its true mask, against an empty mask.
+
+    The loss of method.md §3 averages one term per hypothesis class k, which reads only k's mask:
+    ``CE(s · pooled_k · textᵀ, k)`` with ``pooled_k`` the mask's summed features over h·w. An empty
+    mask pools nothing, so its term is exactly log C, whatever the image. Where a class's true mask
+    (its labelled tokens) costs more than log C, the loss lowers by emptying that class's mask, and
+    a decoder trained on it can drop the class. For each class, over the images where it is both
+    labelled and in the (label-free) hypothesis: the mean term of its true mask, the share of those
+    images where it exceeds log C, and the mean term of MaskCLIP's argmax mask.
+    """
+    model.eval()
+    device = model.clip.visual.conv1.weight.device
+    patch, C = patch_size(model), model.num_classes
+    terms: Dict[int, list] = {k: [] for k in range(C)}
+    argmax_terms: Dict[int, list] = {k: [] for k in range(C)}
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    with torch.no_grad():
+        for i in range(n):
+            item = dataset[i]
+            if str(item["id"]) not in hypotheses:
+                raise KeyError(f"no hypothesis for image {item['id']!r}: compute hypotheses on this split first.")
+            x = eval_preprocess(item["image"], test_size, max_long_side, resize=resize).to(device)
+            out = model(images=x)
+            tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)
+            present = set(int(c) for c in tok.unique()) - {C}
+            for seg, store in ((tok, terms), (out["clip_logits"][0].argmax(0), argmax_terms)):
+                for k in sorted(present & {int(c) for c in hypotheses[str(item["id"])]}):
+                    store[k].append(float(gumbel_masked_contrastive_loss(
+                        class_mask(seg, k, C), out["feat"], model.text, [[k]], gumbel_scale=1.0,
+                        score_scale=score_scale)))
+    empty = math.log(C)  # CE of C equal scores
+    rows = []
+    for k in range(C):
+        t, a = np.asarray(terms[k]), np.asarray(argmax_terms[k])
+        rows.append({"class": model.class_names[k], "images": len(t),
+                     "true mask": float(t.mean()) if len(t) else np.nan, "empty mask": empty,
+                     "true mask above empty %": 100 * float((t > empty).mean()) if len(t) else np.nan,
+                     "MaskCLIP argmax mask": float(a.mean()) if len(a) else np.nan})
+    return pd.DataFrame(rows)
+
+
+__all__ = ("class_mask", "class_terms", "hypothesis_quality", "token_labels", "loss_preference")

@@ -103,7 +103,9 @@ def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_labe
     row_label = row_label or label
     row = {"model": row_label, "seed": seed, **_scores(lab, report, head), "recovery": rec.overall,
            "recovery scale": rec.scale}
-    return row, rec.per_class.assign(model=row_label, seed=seed), learned
+    # each class's IoU beside its recovery: which classes a run drops
+    per_class = rec.per_class.assign(IoU=100 * report.metrics[head]["no_pd"].iou(), model=row_label, seed=seed)
+    return row, per_class, learned
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -250,7 +252,7 @@ def run_known_answer(seeds: Sequence[int] = SEEDS, models: Sequence[str] = tuple
     biased.save_table(summary, "known_answer", floatfmt=".3f",
                       title="Known-answer lab: mean and sd over seeds (training-free rows: one run)")
     biased.save_table(pd.concat(per_class, ignore_index=True), "known_answer_recovery_per_class",
-                      floatfmt=".3f", title="Bias recovery per class (correlation with the planted map)")
+                      floatfmt=".3f", title="Bias recovery (correlation with the planted map) and IoU per class")
     save_maps_figure(planted, learned, biased.class_names, biased.results / "known_answer_maps.png")
     goals = goal_lines(summary)
     biased.save_json({"seeds": list(seeds), "models": list(models), "goals": goals,

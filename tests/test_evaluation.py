@@ -236,6 +236,56 @@ def test_loss_preference_rows_and_the_loss_of_each_segmentation(tiny_clip):
         loss_preference(model, ds, {k: [] for k in every}, test_size=32)
 
 
+def test_class_terms_compare_each_true_mask_with_an_empty_one(tiny_clip):
+    import math
+
+    import pandas as pd
+
+    from reclip_core.diagnostics import class_terms, token_labels
+    from reclip_core.evaluation import patch_size
+    from reclip_core.loss import gumbel_masked_contrastive_loss
+    from reclip_core.model import MaskCLIP
+    from reclip_core.transforms import eval_preprocess
+
+    model = MaskCLIP(tiny_clip, NAMES, templates=["a photo of a {}."])
+    ds = ImageSet(4, labels=True, sizes=((32, 32),))
+    C = len(NAMES)
+    hyps = {f"img{i:03d}": list(range(C)) if i % 2 else [0] for i in range(4)}
+    torch.manual_seed(1)
+    got = class_terms(model, ds, hyps, test_size=32, score_scale=5.0).set_index("class")
+    torch.manual_seed(2)  # fixed masks: no Gumbel draw changes a term
+    pd.testing.assert_frame_equal(class_terms(model, ds, hyps, test_size=32, score_scale=5.0).set_index("class"), got)
+    # by hand: per image, each labelled class of its hypothesis, the term of its one-hot true mask
+    want = {k: [] for k in range(C)}
+    with torch.no_grad():
+        for i in range(4):
+            x = eval_preprocess(ds[i]["image"], 32)
+            out = model.eval()(images=x)
+            tok = token_labels(ds[i]["label"], tuple(x.shape[-2:]), patch_size(model), C)
+            for k in set(tok.unique().tolist()) & set(hyps[f"img{i:03d}"]):
+                # k's mask: its labelled tokens; every other token to another class
+                m = torch.zeros(1, C, *tok.shape)
+                m[0, k], m[0, (k + 1) % C] = (tok == k) * 1e4, (tok != k) * 1e4
+                want[k].append(float(gumbel_masked_contrastive_loss(m, out["feat"], model.text, [[k]],
+                                                                    gumbel_scale=1.0, score_scale=5.0)))
+    assert sum(len(v) for v in want.values()) > 0
+    for k, name in enumerate(NAMES):
+        assert got.loc[name, "images"] == len(want[k])
+        assert got.loc[name, "empty mask"] == pytest.approx(math.log(C))
+        if want[k]:
+            assert got.loc[name, "true mask"] == pytest.approx(np.mean(want[k]), rel=1e-5)
+            share = 100 * np.mean(np.asarray(want[k]) > math.log(C))
+            assert got.loc[name, "true mask above empty %"] == pytest.approx(share)
+        else:
+            assert np.isnan(got.loc[name, "true mask"])
+    # the empty mask's log C is the loss's own: class 1 everywhere leaves class 0's mask empty
+    feat = torch.randn(1, model.text.shape[1], 2, 2, generator=torch.Generator().manual_seed(0))
+    class1 = torch.zeros(1, C, 2, 2)
+    class1[:, 1] = 1e4
+    assert float(gumbel_masked_contrastive_loss(class1, feat, model.text, [[0]], gumbel_scale=1.0,
+                                                score_scale=5.0)) == pytest.approx(math.log(C))
+
+
 # --------------------------------------------------------------------------------------------
 # PD read from one upsampling: identical to upsampling the filtered logits
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 
 from reclip_core import known_answer, known_answer_diagnostics, reproduce  # noqa: E402
 from reclip_core.machine import cpu_model, describe_machine  # noqa: E402
+from reclip_core.planted_bias import PlantedBias  # noqa: E402
 from reclip_core.model import ReCLIPPP  # noqa: E402
 from reclip_core.toy_clip import build_toy_clip  # noqa: E402
 
@@ -57,7 +58,7 @@ def _fake_papermill(monkeypatch, executed):
 
     def execute_notebook(src, dst, **kw):
         executed.append(Path(src).name)
-        Path(dst).write_text("{}\n")
+        Path(dst).write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n')
 
     fake.execute_notebook = execute_notebook
     monkeypatch.setitem(sys.modules, "papermill", fake)
@@ -216,9 +217,12 @@ def test_the_lab_trains_the_notebooks_runs(tmp_path, monkeypatch):
 
 
 def test_every_diagnostic_trains_a_model_of_the_lab():
-    for label, (folder, model_label, where, scale) in known_answer_diagnostics.DIAGNOSTICS.items():
+    folders = {}
+    for label, (folder, model_label, where, scale, noise) in known_answer_diagnostics.DIAGNOSTICS.items():
         assert model_label in known_answer.MODELS, label
-        assert where in (None, "features", "logits") and (where is None) == (scale == 0.0)
+        assert (where is None or where in PlantedBias.WHERE) and (where is None) == (scale == 0.0)
+        assert (noise is not None) == ("patch noise" in label), label  # the rows' share of U − B reads it
+        assert folders.setdefault(folder, (where, scale, noise)) == (where, scale, noise), folder  # one CLIP a folder
 
 
 def test_a_locked_run_is_waited_for_then_read(tmp_path, capsys):
