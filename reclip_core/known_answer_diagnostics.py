@@ -13,8 +13,9 @@ the planted bias (docs/toy-world.md, "The known-answer world").
   ``where="logits"``: MaskCLIP's logits as biased as in the lab, but the loss pools clean
   features), ReCLIP++ with the bias in the features of only one of its two readers (its loss, its
   decoder), ReCLIP++ at smaller amplitudes. The logits-only rows separate "the loss reads the
-  bias" from "the optimisation fails"; the one-reader rows say which reader it is. The patch-noise rows train on the CLIP with the noise and the
-  planted bias, where a bias flips many patches but few pooled regions (the method's premise).
+  bias" from "the optimisation fails"; the one-reader rows say which reader it is. The patch-noise
+  rows train on the CLIP with the noise and the planted bias, where a bias flips many patches but
+  few pooled regions (the method's premise).
 
     python -m reclip_core.known_answer_diagnostics   # results/toy/known/known_answer_diagnostics.*
 """
@@ -135,9 +136,8 @@ NOISY_U, NOISY_B = "MaskCLIP (patch noise, no planted bias)", "MaskCLIP (patch n
 def noisy_world_rows(biased: Lab, unbiased: Lab, noisy: Lab, noise: Mapping[str, Any]) -> list:
     """MaskCLIP on the CLIP with the patch noise, without the planted bias (its U) and with it (its B)."""
     clean = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), spec_with_noise(biased, noise), 0.0)
-    rows = [maskclip_row(diagnostic_lab(biased, "patch_noise_unbiased", clean), "patch noise, no planted bias"),
+    return [maskclip_row(diagnostic_lab(biased, "patch_noise_unbiased", clean), "patch noise, no planted bias"),
             maskclip_row(noisy, "patch noise, amplitudes × 0.85")]
-    return rows
 
 
 def share_of_noisy_gap(summary: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ("DIAGNOSTICS", "NOISY_B", "NOISY_SCALE", "NOISY_U", "PATCH_NOISE", "SWEEP_SCALES", "amplitude_sweep",
-           "class_terms", "diagnostic_lab", "loss_preference", "noisy_world_rows", "run_diagnostics", "share_of_noisy_gap")
+           "class_terms", "diagnostic_lab", "loss_preference", "noisy_world_rows", "run_diagnostics",
+           "share_of_noisy_gap")
 
 
 if __name__ == "__main__":
