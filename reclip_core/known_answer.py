@@ -109,7 +109,8 @@ def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_labe
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per model: mean and sd over seeds (training-free rows: one run, sd 0), and the run count."""
+    """Per model: mean and sd over seeds (training-free rows: one run, sd 0; a metric a model has
+    no value of: NaN), and the run count."""
     metrics = [c for c in rows.columns if c not in ("model", "seed")]
     out = []
     for model, grp in rows.groupby("model", sort=False):
@@ -117,7 +118,8 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
         for m in metrics:
             vals = grp[m].dropna().to_numpy(dtype=float)
             row[m] = float(vals.mean()) if len(vals) else np.nan
-            row[f"{m} sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            # one run: sd 0; no value (a metric the model has not): no sd either
+            row[f"{m} sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else np.nan
         out.append(row)
     return pd.DataFrame(out)
 

@@ -184,7 +184,7 @@ def run_diagnostics(seeds: Sequence[int] = SEEDS, device: str = "auto") -> Dict[
                                   "patch noise and planted bias × 0.85": labs["patch_noise"]})
     terms = class_terms({"no planted bias": unbiased, "planted bias": biased,
                          "patch noise and planted bias × 0.85": labs["patch_noise"]})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"seed": "Int64"})  # training-free rows have no seed
     summary = share_of_noisy_gap(summarise(table))
     biased.save_table(table, "known_answer_diagnostics_runs", floatfmt=".3f",
                       title="Known-answer lab, diagnostic models: every run")

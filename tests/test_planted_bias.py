@@ -311,6 +311,8 @@ def test_summary_takes_mean_and_sd_over_seeds():
     assert by.loc["ReCLIP++", "mIoU"] == pytest.approx(62.0) and by.loc["ReCLIP++", "mIoU sd"] == pytest.approx(2.0)
     assert by.loc["ReCLIP++", "runs"] == 3 and by.loc["MaskCLIP (planted bias)", "runs"] == 1
     assert by.loc["MaskCLIP (planted bias)", "mIoU sd"] == 0.0
+    assert np.isnan(by.loc["MaskCLIP (planted bias)", "recovery"]) and np.isnan(by.loc["MaskCLIP (planted bias)",
+                                                                                       "recovery sd"])
 
 
 def test_goals_are_met_or_missed_on_the_measured_numbers():
