@@ -228,10 +228,10 @@ def strip_run_metadata(path: Path, keep_parameters: bool = False) -> None:
     paths, execution timestamps) that would make every re-run a diff. Outputs and execution counts
     stay: nbval compares the outputs.
 
-    For the notebook itself (``--inplace``, beside its py:percent twin) also drop papermill's
-    injected-parameters cell (the twin has no such cell, and jupytext refuses a pair whose cells
-    differ) and the empty tag lists papermill adds (jupytext compares metadata too). An executed
-    copy (``keep_parameters``) keeps that cell and papermill's record of the parameters: what ran."""
+    Also drop the empty tag lists papermill adds to every cell, and, for the notebook itself
+    (``--inplace``, beside its py:percent twin), papermill's injected-parameters cell: the twin has
+    no such cell, and jupytext refuses a pair whose cells or metadata differ. An executed copy
+    (``keep_parameters``) keeps that cell and papermill's record of the parameters: what ran."""
     import nbformat  # import time: only executed notebooks need it
 
     nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
@@ -242,7 +242,7 @@ def strip_run_metadata(path: Path, keep_parameters: bool = False) -> None:
         meta = cell.get("metadata", {})
         for key in ("papermill", "execution"):
             meta.pop(key, None)
-        if meta.get("tags") == [] and not keep_parameters:  # papermill adds `tags: []` to every cell
+        if meta.get("tags") == []:  # papermill adds `tags: []` to every cell
             meta.pop("tags")
         if cell.get("cell_type") == "code":
             # papermill numbers cells including a dropped one; renumber so the counts read 1, 2, ...

@@ -106,15 +106,16 @@ def test_an_executed_copy_keeps_its_parameters_and_drops_the_run(tmp_path):
                                                                "papermill": {"duration": 0.1}}, execution_count=2)
     body = nbformat.v4.new_code_cell("print(1)", execution_count=3, metadata={"execution": {"iopub.status.idle": "x"}},
                                      outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
-    nb.cells = [injected, body]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t", metadata={"tags": []}), injected, body]
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     reproduce.strip_run_metadata(path, keep_parameters=True)
     out = nbformat.read(path, as_version=4)
-    assert [c.source for c in out.cells] == ["seed = 0", "print(1)"]
+    assert [c.source for c in out.cells] == ["# t", "seed = 0", "print(1)"]
     assert out.metadata["papermill"] == {"parameters": {"profile": "toy", "seed": 0}, "version": "2.6.0"}
-    assert out.cells[0].metadata == {"tags": ["injected-parameters"]} and out.cells[1].metadata == {}
-    assert [c.execution_count for c in out.cells] == [1, 2]
+    assert out.cells[1].metadata == {"tags": ["injected-parameters"]}
+    assert out.cells[0].metadata == {} and out.cells[2].metadata == {}
+    assert [c.execution_count for c in out.cells[1:]] == [1, 2]
     text = path.read_text()
     assert "/home/x" not in text and "2026-12-04" not in text
 
