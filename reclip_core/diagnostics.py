@@ -73,6 +73,16 @@ def token_labels(label: np.ndarray, input_hw: Tuple[int, int], patch: int, num_c
     return F.avg_pool2d(onehot, patch)[0].argmax(0)
 
 
+def _with_hypotheses(dataset, hypotheses: Mapping[str, Sequence[int]], max_images: Optional[int]):
+    """Each item of ``dataset`` (the first ``max_images``) with its hypothesis as a list of ints."""
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for i in range(n):
+        item = dataset[i]
+        if str(item["id"]) not in hypotheses:
+            raise KeyError(f"no hypothesis for image {item['id']!r}: compute hypotheses on this split first.")
+        yield item, [int(c) for c in hypotheses[str(item["id"])]]
+
+
 def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence[int]], test_size: int,
                     score_scales: Sequence[float] = (100.0,), max_long_side: int = 2048,
                     max_images: Optional[int] = None, ignore_index: int = 255, resize: str = "torch") -> pd.DataFrame:
@@ -100,13 +110,8 @@ def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence
     names += [] if isinstance(model, MaskCLIP) else ["model"]
     sums = np.zeros((len(names), len(score_scales)))
     count = 0
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
     with torch.no_grad():
-        for i in range(n):
-            item = dataset[i]
-            if str(item["id"]) not in hypotheses:
-                raise KeyError(f"no hypothesis for image {item['id']!r}: compute hypotheses on this split first.")
-            hyp = [int(c) for c in hypotheses[str(item["id"])]]
+        for item, hyp in _with_hypotheses(dataset, hypotheses, max_images):
             if not hyp:
                 continue
             x = eval_preprocess(item["image"], test_size, max_long_side, resize=resize).to(device)
@@ -157,18 +162,14 @@ def class_terms(model: MaskCLIP, dataset, hypotheses: Mapping[str, Sequence[int]
     patch, C = patch_size(model), model.num_classes
     terms: Dict[int, list] = {k: [] for k in range(C)}
     argmax_terms: Dict[int, list] = {k: [] for k in range(C)}
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
     with torch.no_grad():
-        for i in range(n):
-            item = dataset[i]
-            if str(item["id"]) not in hypotheses:
-                raise KeyError(f"no hypothesis for image {item['id']!r}: compute hypotheses on this split first.")
+        for item, hyp in _with_hypotheses(dataset, hypotheses, max_images):
             x = eval_preprocess(item["image"], test_size, max_long_side, resize=resize).to(device)
             out = model(images=x)
             tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)
             present = set(int(c) for c in tok.unique()) - {C}
             for seg, store in ((tok, terms), (out["clip_logits"][0].argmax(0), argmax_terms)):
-                for k in sorted(present & {int(c) for c in hypotheses[str(item["id"])]}):
+                for k in sorted(present & set(hyp)):
                     store[k].append(float(gumbel_masked_contrastive_loss(
                         class_mask(seg, k, C), out["feat"], model.text, [[k]], gumbel_scale=1.0,
                         score_scale=score_scale)))
