@@ -83,6 +83,11 @@ def _with_hypotheses(dataset, hypotheses: Mapping[str, Sequence[int]], max_image
         yield item, [int(c) for c in hypotheses[str(item["id"])]]
 
 
+def _one_hot(seg: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A segmentation [h, w] as fixed logits [1, C, h, w] that no Gumbel draw can flip."""
+    return F.one_hot(seg, num_classes).permute(2, 0, 1)[None].float() * 1e4
+
+
 def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence[int]], test_size: int,
                     score_scales: Sequence[float] = (100.0,), max_long_side: int = 2048,
                     max_images: Optional[int] = None, ignore_index: int = 255, resize: str = "torch") -> pd.DataFrame:
@@ -123,7 +128,7 @@ def loss_preference(model: nn.Module, dataset, hypotheses: Mapping[str, Sequence
             truth = torch.where(tok == C, mc.argmax(0), tok.clamp(max=C - 1))
             segs = [mc.argmax(0), in_hyp.argmax(0), truth] + ([out["logits"][0].argmax(0)] if "model" in names else [])
             for r, seg in enumerate(segs):
-                onehot = F.one_hot(seg, C).permute(2, 0, 1)[None].float() * 1e4  # no Gumbel draw can flip it
+                onehot = _one_hot(seg, C)
                 for j, s in enumerate(score_scales):
                     sums[r, j] += float(gumbel_masked_contrastive_loss(onehot, feat, model.text, [hyp], gumbel_scale=1.0,
                                                                        score_scale=float(s)))
@@ -156,31 +161,48 @@ def class_terms(model: MaskCLIP, dataset, hypotheses: Mapping[str, Sequence[int]
     a decoder trained on it can drop the class. For each class, over the images where it is both
     labelled and in the (label-free) hypothesis: the mean term of its true mask, the share of those
     images where it exceeds log C, and the mean term of MaskCLIP's argmax mask.
+
+    Dropping a class also hands its tokens to other classes, whose terms change too. So the whole
+    image's loss (every hypothesis class, the truth with MaskCLIP's argmax on unlabelled tokens, as
+    in :func:`loss_preference`) is compared with the same segmentation whose tokens of k go to
+    MaskCLIP's best other class there: the mean change, and how often it lowers the loss.
     """
     model.eval()
     device = model.clip.visual.conv1.weight.device
     patch, C = patch_size(model), model.num_classes
     terms: Dict[int, list] = {k: [] for k in range(C)}
     argmax_terms: Dict[int, list] = {k: [] for k in range(C)}
+    given_away: Dict[int, list] = {k: [] for k in range(C)}
+
+    def loss(logits: torch.Tensor, feat: torch.Tensor, hyp: Sequence[int]) -> float:
+        return float(gumbel_masked_contrastive_loss(logits, feat, model.text, [list(hyp)], gumbel_scale=1.0,
+                                                    score_scale=score_scale))
+
     with torch.no_grad():
         for item, hyp in _with_hypotheses(dataset, hypotheses, max_images):
             x = eval_preprocess(item["image"], test_size, max_long_side, resize=resize).to(device)
             out = model(images=x)
+            feat, mc = out["feat"], out["clip_logits"][0]
             tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)
             present = set(int(c) for c in tok.unique()) - {C}
-            for seg, store in ((tok, terms), (out["clip_logits"][0].argmax(0), argmax_terms)):
-                for k in sorted(present & set(hyp)):
-                    store[k].append(float(gumbel_masked_contrastive_loss(
-                        class_mask(seg, k, C), out["feat"], model.text, [[k]], gumbel_scale=1.0,
-                        score_scale=score_scale)))
+            truth = torch.where(tok == C, mc.argmax(0), tok)
+            for k in sorted(present & set(hyp)):
+                terms[k].append(loss(class_mask(tok, k, C), feat, [k]))
+                argmax_terms[k].append(loss(class_mask(mc.argmax(0), k, C), feat, [k]))
+                others = mc.clone()
+                others[k] = float("-inf")
+                dropped = torch.where(truth == k, others.argmax(0), truth)  # k's tokens to its best rival
+                given_away[k].append(loss(_one_hot(dropped, C), feat, hyp) - loss(_one_hot(truth, C), feat, hyp))
     empty = math.log(C)  # CE of C equal scores
     rows = []
     for k in range(C):
-        t, a = np.asarray(terms[k]), np.asarray(argmax_terms[k])
+        t, a, g = np.asarray(terms[k]), np.asarray(argmax_terms[k]), np.asarray(given_away[k])
         rows.append({"class": model.class_names[k], "images": len(t),
                      "true mask": float(t.mean()) if len(t) else np.nan, "empty mask": empty,
                      "true mask above empty %": 100 * float((t > empty).mean()) if len(t) else np.nan,
-                     "MaskCLIP argmax mask": float(a.mean()) if len(a) else np.nan})
+                     "MaskCLIP argmax mask": float(a.mean()) if len(a) else np.nan,
+                     "loss change, given away": float(g.mean()) if len(g) else np.nan,
+                     "giving away lowers the loss %": 100 * float((g < 0).mean()) if len(g) else np.nan})
     return pd.DataFrame(rows)
 
 

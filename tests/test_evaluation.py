@@ -257,17 +257,32 @@ def test_class_terms_compare_each_true_mask_with_an_empty_one(tiny_clip):
     pd.testing.assert_frame_equal(class_terms(model, ds, hyps, test_size=32, score_scale=5.0).set_index("class"), got)
     # by hand: per image, each labelled class of its hypothesis, the term of its one-hot true mask
     want = {k: [] for k in range(C)}
+    change = {k: [] for k in range(C)}
+
+    def image_loss(seg, feat, hyp):
+        m = torch.nn.functional.one_hot(seg, C).permute(2, 0, 1)[None].float() * 1e4
+        return float(gumbel_masked_contrastive_loss(m, feat, model.text, [hyp], gumbel_scale=1.0, score_scale=5.0))
+
     with torch.no_grad():
         for i in range(4):
             x = eval_preprocess(ds[i]["image"], 32)
             out = model.eval()(images=x)
             tok = token_labels(ds[i]["label"], tuple(x.shape[-2:]), patch_size(model), C)
-            for k in set(tok.unique().tolist()) & set(hyps[f"img{i:03d}"]):
+            hyp = hyps[f"img{i:03d}"]
+            mc = out["clip_logits"][0]
+            for k in set(tok.unique().tolist()) & set(hyp):
                 # k's mask: its labelled tokens; every other token to another class
                 m = torch.zeros(1, C, *tok.shape)
                 m[0, k], m[0, (k + 1) % C] = (tok == k) * 1e4, (tok != k) * 1e4
                 want[k].append(float(gumbel_masked_contrastive_loss(m, out["feat"], model.text, [[k]],
                                                                     gumbel_scale=1.0, score_scale=5.0)))
+                # the whole image's loss with k's tokens given to MaskCLIP's best other class
+                truth = torch.where(tok == C, mc.argmax(0), tok)
+                rival = mc.clone()
+                rival[k] = -1e9
+                dropped = torch.where(truth == k, rival.argmax(0), truth)
+                assert not (dropped == k).any()
+                change[k].append(image_loss(dropped, out["feat"], hyp) - image_loss(truth, out["feat"], hyp))
     assert sum(len(v) for v in want.values()) > 0
     for k, name in enumerate(NAMES):
         assert got.loc[name, "images"] == len(want[k])
@@ -276,6 +291,9 @@ def test_class_terms_compare_each_true_mask_with_an_empty_one(tiny_clip):
             assert got.loc[name, "true mask"] == pytest.approx(np.mean(want[k]), rel=1e-5)
             share = 100 * np.mean(np.asarray(want[k]) > math.log(C))
             assert got.loc[name, "true mask above empty %"] == pytest.approx(share)
+            assert got.loc[name, "loss change, given away"] == pytest.approx(np.mean(change[k]), rel=1e-5, abs=1e-7)
+            lowers = 100 * np.mean(np.asarray(change[k]) < 0)
+            assert got.loc[name, "giving away lowers the loss %"] == pytest.approx(lowers)
         else:
             assert np.isnan(got.loc[name, "true mask"])
     # the empty mask's log C is the loss's own: class 1 everywhere leaves class 0's mask empty
