@@ -195,7 +195,8 @@ def run_diagnostics(seeds: Sequence[int] = SEEDS, device: str = "auto") -> Dict[
     biased.save_table(preference, "known_answer_loss_preference", floatfmt=".3f",
                       title="Training loss of fixed segmentations (lower = preferred by the loss)")
     biased.save_table(terms, "known_answer_class_terms", floatfmt=".3f",
-                      title="The loss's term per class: true mask against an empty mask (lower = preferred)")
+                      title="The loss per class: its term on the true mask against an empty mask, and the "
+                            "image's loss change when the class's tokens are given away")
     biased.save_table(sweep, "known_answer_amplitude_sweep", floatfmt=".3f",
                       title="MaskCLIP with the planted amplitudes scaled (training-free)")
     save_maps_figure(planted, learned, biased.class_names, biased.results / "known_answer_diagnostic_maps.png")
