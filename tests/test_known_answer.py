@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 
 from reclip_core import known_answer, known_answer_diagnostics, reproduce  # noqa: E402
 from reclip_core.machine import cpu_model, describe_machine  # noqa: E402
-from reclip_core.planted_bias import PlantedBias  # noqa: E402
 from reclip_core.model import ReCLIPPP  # noqa: E402
+from reclip_core.planted_bias import PlantedBias  # noqa: E402
 from reclip_core.toy_clip import build_toy_clip  # noqa: E402
 
 
