@@ -185,14 +185,16 @@ def class_terms(model: MaskCLIP, dataset, hypotheses: Mapping[str, Sequence[int]
             feat, mc = out["feat"], out["clip_logits"][0]
             tok = token_labels(item["label"], tuple(x.shape[-2:]), patch, C, ignore_index).to(device)
             present = set(int(c) for c in tok.unique()) - {C}
-            truth = torch.where(tok == C, mc.argmax(0), tok)
+            argmax = mc.argmax(0)
+            truth = torch.where(tok == C, argmax, tok)
+            truth_loss = loss(_one_hot(truth, C), feat, hyp)  # the same for every class given away
             for k in sorted(present & set(hyp)):
                 terms[k].append(loss(class_mask(tok, k, C), feat, [k]))
-                argmax_terms[k].append(loss(class_mask(mc.argmax(0), k, C), feat, [k]))
+                argmax_terms[k].append(loss(class_mask(argmax, k, C), feat, [k]))
                 others = mc.clone()
                 others[k] = float("-inf")
                 dropped = torch.where(truth == k, others.argmax(0), truth)  # k's tokens to its best rival
-                given_away[k].append(loss(_one_hot(dropped, C), feat, hyp) - loss(_one_hot(truth, C), feat, hyp))
+                given_away[k].append(loss(_one_hot(dropped, C), feat, hyp) - truth_loss)
     empty = math.log(C)  # CE of C equal scores
     rows = []
     for k in range(C):

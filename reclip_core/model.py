@@ -85,7 +85,8 @@ class _CLIPSegmenter(nn.Module):
         logits = clip_logits(feat, self.text)
         planted = getattr(self.clip.visual, "planted_bias", None)
         if planted is not None and planted.where != "features":
-            # the known-answer lab's diagnostics (planted_bias.py): the bias in the logits, features clean
+            # the known-answer lab's diagnostics (planted_bias.py): the bias in the logits; the dense
+            # features clean, or (where="loss"/"decoder", ReCLIPPP.forward) biased for one reader
             logits = logits + planted.logit_map(tuple(feat.shape[-2:])).to(logits)
         return feat, logits
 
