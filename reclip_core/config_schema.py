@@ -15,7 +15,8 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dat
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .datasets.names import DATASET_NAMES
-from .options import BIAS_MODES, LOSS_NORMALISATIONS, MODEL_KINDS, READ_SLOTS, TEST_RESIZES, UPSAMPLINGS, WINDOW_RESIZES
+from .options import (BIAS_MODES, DECODER_INITS, LOSS_NORMALISATIONS, MODEL_KINDS, READ_SLOTS, TEST_RESIZES, UPSAMPLINGS,
+                      WINDOW_RESIZES)
 
 #: what a config's ``profile`` may say: the paper's settings, the toy lab, or anything hand-made
 KNOWN_PROFILES = ("paper", "toy", "quick", "custom")
@@ -104,6 +105,9 @@ class ModelConfig:
     use_decoder: bool = key(True, "ReCLIP++ mask decoder on (False: rectification only)")
     # ablation: which biases the rectification removes (class preference, space preference, both)
     bias_mode: str = key("both", "ReCLIP++ bias ablation", choices=BIAS_MODES)
+    # a diagnostic: the decoder starts Kaiming-random (the method) or passing the rectified logits through
+    decoder_init: str = key("kaiming", "ReCLIP++ decoder start: 'kaiming' (the method) or 'rectified'",
+                            choices=DECODER_INITS)
     # prompt templates averaged into each class's text embedding
     templates: Union[str, List[str]] = key("all", "'all' (85 templates), 'single' ('a photo of a {}.') or a list")
     # a release option: where the Reference prompt's text-encoder output is read

@@ -135,13 +135,14 @@ class ReCLIPPP(_CLIPSegmenter):
     class texts in place of ``ref``: a class-specific space bias without the Reference prompt).
     ``use_decoder=False`` gives the rectification-only model (logits = rectified).
     ``reference_slot`` says where the Reference prompt's output is read (``ReferencePrompt``'s
-    ``read_slot``: ``"eot"``, or the release's ``"release"``).
+    ``read_slot``: ``"eot"``, or the release's ``"release"``). ``decoder_init``: the decoder's start
+    (``MaskDecoder``: ``"kaiming"``, the method, or the diagnostic ``"rectified"``).
     """
 
     gumbel_scale = 100.0
 
     def __init__(self, clip: nn.Module, names: Sequence[str], *, use_decoder: bool = True, bias_mode: str = "both",
-                 reference_slot: str = "eot", **common: Any):
+                 reference_slot: str = "eot", decoder_init: str = "kaiming", **common: Any):
         # ``common``: the keyword arguments every segmenter takes (templates, text, ln_eps, cls_token)
         super().__init__(clip, names, **common)
         if bias_mode not in BIAS_MODES:
@@ -155,7 +156,7 @@ class ReCLIPPP(_CLIPSegmenter):
         if bias_mode == "class":
             self.class_vector = nn.Parameter(torch.zeros(output_dim(clip)))
         if use_decoder:
-            self.decoder = MaskDecoder(output_dim(clip), self.num_classes)
+            self.decoder = MaskDecoder(output_dim(clip), self.num_classes, init=decoder_init)
         self._bias_cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
     def _clear_cache(self) -> None:

@@ -31,7 +31,7 @@ def build_model(cfg: Mapping[str, Any], clip: Optional[nn.Module] = None, device
     slot = cfg.get("reference_slot", "eot")  # where the Reference prompt is read (a release option)
     if kind == "reclip++":
         model = ReCLIPPP(clip, names, use_decoder=cfg["use_decoder"], bias_mode=cfg["bias_mode"],
-                         reference_slot=slot, **common)
+                         reference_slot=slot, decoder_init=cfg.get("decoder_init", "kaiming"), **common)
     elif kind == "reclip":
         model = ReCLIP(clip, names, reference_slot=slot, **common)
     elif kind == "maskclip":

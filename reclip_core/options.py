@@ -7,6 +7,8 @@ second). The modules that compute them check against these and the config schema
 MODEL_KINDS = ("reclip++", "reclip")
 #: which bias ReCLIP++ removes: both (the method), only the class or only the space bias (ablations)
 BIAS_MODES = ("both", "class", "space")
+#: how the mask decoder starts: Kaiming-random (the method) or passing the rectified logits through (a diagnostic)
+DECODER_INITS = ("kaiming", "rectified")
 #: divisor of a batch's loss: images with a hypothesis (the project) or the batch size (the release)
 LOSS_NORMALISATIONS = ("nonempty", "batch")
 #: where the Reference prompt's output is read: the end-of-text slot, or the release's argmax slot
