@@ -47,7 +47,16 @@ MODELS: Dict[str, tuple] = {
     "rectification only": ("rectify_both", "reclip++", {"use_decoder": False, "bias_mode": "both"}, "rectified"),
     "ReCLIP": ("reclip", "reclip", {}, "rectified"),
 }
+#: models only the diagnostics train (``known_answer_diagnostics``), in the same form
+VARIANTS: Dict[str, tuple] = {
+    "ReCLIP++ (rectified start)": ("reclip++_rectified_start", "reclip++", {"decoder_init": "rectified"}, "reclip++"),
+}
 SEEDS = (0, 1, 2)
+
+
+def model_entry(label: str) -> tuple:
+    """(run name, kind, overrides, head) of a lab model (:data:`MODELS`) or a diagnostic one (:data:`VARIANTS`)."""
+    return MODELS[label] if label in MODELS else VARIANTS[label]
 
 
 class MeanBiasMap:
@@ -81,20 +90,21 @@ def maskclip_row(lab: Lab, label: str) -> Dict[str, Any]:
 
 
 def train_model(lab: Lab, label: str, seed: int) -> torch.nn.Module:
-    """The lab's model ``label`` (a key of :data:`MODELS`) trained at ``seed`` on ``lab``'s CLIP, in
-    ``runs/<name>-seed<seed>`` (a finished run is reused: the notebooks and the lab share it)."""
-    name, kind, overrides, _ = MODELS[label]
+    """The lab's model ``label`` (a key of :data:`MODELS` or :data:`VARIANTS`) trained at ``seed`` on
+    ``lab``'s CLIP, in ``runs/<name>-seed<seed>`` (a finished run is reused: the notebooks and the
+    lab share it)."""
+    name, kind, overrides, _ = model_entry(label)
     return lab.train(name, kind=kind, seed=seed, **overrides)
 
 
 def run_name(label: str, seed: int) -> str:
     """The folder name of ``label``'s run at ``seed`` under ``runs/``."""
-    return lab_run_name(MODELS[label][0], seed)
+    return lab_run_name(model_entry(label)[0], seed)
 
 
 def trained_row(lab: Lab, label: str, seed: int, planted: torch.Tensor, row_label: str | None = None) -> tuple:
     """Train ``label`` at ``seed`` on ``lab``'s CLIP → (row, per-class recovery, learned map)."""
-    head = MODELS[label][3]
+    head = model_entry(label)[3]
     model, name = train_model(lab, label, seed), run_name(label, seed)
     mean_map = MeanBiasMap()
     report = lab.evaluate(model, accumulators={head: [mean_map]}, name=name)

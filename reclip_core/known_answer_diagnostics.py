@@ -15,7 +15,11 @@ the planted bias (docs/toy-world.md, "The known-answer world").
   decoder), ReCLIP++ at smaller amplitudes. The logits-only rows separate "the loss reads the
   bias" from "the optimisation fails"; the one-reader rows say which reader it is. The patch-noise
   rows train on the CLIP with the noise and the planted bias, where a bias flips many patches but
-  few pooled regions (the method's premise).
+  few pooled regions (the method's premise). ReCLIP++ with its decoder starting as the rectified
+  logits (``decoder_init="rectified"``) separates "a random start loses classes" from "the loss
+  drops them".
+- **First steps**: each class's IoU over ReCLIP++'s first epoch, on the clean and the biased CLIP
+  (``known_answer_first_steps``): when a class is lost, and whether it comes back.
 
     python -m reclip_core.known_answer_diagnostics   # results/toy/known/known_answer_diagnostics.*
 """
@@ -26,12 +30,14 @@ import sys
 import time
 from typing import Any, Dict, Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
 from . import diagnostics
 from .backbone import logit_scale
+from .checkpoint import load_model_weights
 from .known_answer import (SEEDS, maskclip_row, planted_and_grid, save_maps_figure, summarise, trained_row,
                            unbiased_lab)
 from .lab import Lab, setup
@@ -66,6 +72,13 @@ def spec_with_noise(biased: Lab, noise: Mapping[str, Any] | None) -> Dict[str, A
     return spec if noise is None else dict(spec, patch_noise=dict(noise))
 
 
+def diagnostic_clip(biased: Lab, unbiased: Lab, noise: Mapping[str, Any] | None, scale: float,
+                    where: str = "features") -> torch.nn.Module:
+    """The lab's toy CLIP carrying its planted bias × ``scale`` at ``where``, with ``noise`` as its
+    patch noise (None: none)."""
+    return plant_bias(load_config_clip(unbiased.cfg, unbiased.device), spec_with_noise(biased, noise), scale, where)
+
+
 def amplitude_sweep(biased: Lab, unbiased: Lab, scales: Sequence[float] = SWEEP_SCALES,
                     noisy_scales: Sequence[float] = NOISY_SWEEP_SCALES) -> pd.DataFrame:
     """MaskCLIP with the planted amplitudes times each scale, without and with the patch noise:
@@ -74,8 +87,7 @@ def amplitude_sweep(biased: Lab, unbiased: Lab, scales: Sequence[float] = SWEEP_
     rows = []
     for noise, grid in ((None, scales), (PATCH_NOISE, noisy_scales)):
         for scale in grid:
-            clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), spec_with_noise(biased, noise),
-                              scale=scale)
+            clip = diagnostic_clip(biased, unbiased, noise, scale)
             row = maskclip_row(diagnostic_lab(biased, "sweep", clip), f"amplitude × {scale:g}")
             rows.append({"patch noise σ": 0.0 if noise is None else noise["sigma"], "amplitude scale": scale,
                          **{k: v for k, v in row.items() if k != "model"}})
@@ -110,8 +122,9 @@ def loss_preference(labs: Mapping[str, Lab]) -> pd.DataFrame:
     return out[["CLIP"] + [c for c in out.columns if c != "CLIP"]]
 
 
-#: models trained again on other CLIPs: row label -> (results subfolder, the lab's model label,
-#: where the bias is planted (None: no bias), multiple of the planted amplitudes, patch noise or None)
+#: models trained again on other CLIPs: row label -> (results subfolder, the model's label in
+#: ``known_answer.MODELS`` or ``VARIANTS``, where the bias is planted (None: no bias), multiple of the
+#: planted amplitudes, patch noise or None); the folder "lab" is the lab itself (its CLIP and runs)
 DIAGNOSTICS = {
     "ReCLIP++ (CLIP without the planted bias)": ("unbiased", "ReCLIP++", None, 0.0, None),
     "ReCLIP++ (bias planted in the logits only)": ("logits_only", "ReCLIP++", "logits", 1.0, None),
@@ -121,6 +134,8 @@ DIAGNOSTICS = {
                                                                                 None),
     "ReCLIP++ (bias in the logits and the decoder's features; loss's clean)": ("decoder_only", "ReCLIP++", "decoder",
                                                                                 1.0, None),
+    "ReCLIP++ (decoder starting as the rectified logits)": ("lab", "ReCLIP++ (rectified start)", "features", 1.0,
+                                                            None),
     "ReCLIP++ (planted amplitudes × 0.75)": ("amplitude_0.75", "ReCLIP++", "features", 0.75, None),
     "ReCLIP++ (patch noise, amplitudes × 0.85)": ("patch_noise", "ReCLIP++", "features", NOISY_SCALE, PATCH_NOISE),
     "rectification only (patch noise, amplitudes × 0.85)": ("patch_noise", "rectification only", "features",
@@ -133,11 +148,65 @@ DIAGNOSTICS = {
 NOISY_U, NOISY_B = "MaskCLIP (patch noise, no planted bias)", "MaskCLIP (patch noise, amplitudes × 0.85)"
 
 
-def noisy_world_rows(biased: Lab, unbiased: Lab, noisy: Lab, noise: Mapping[str, Any]) -> list:
-    """MaskCLIP on the CLIP with the patch noise, without the planted bias (its U) and with it (its B)."""
-    clean = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), spec_with_noise(biased, noise), 0.0)
-    return [maskclip_row(diagnostic_lab(biased, "patch_noise_unbiased", clean), "patch noise, no planted bias"),
-            maskclip_row(noisy, "patch noise, amplitudes × 0.85")]
+def noisy_world_rows(sweep: pd.DataFrame, sigma: float, scale: float = NOISY_SCALE) -> list:
+    """MaskCLIP on the CLIP with patch noise ``sigma``, without the planted bias (its U) and with the
+    amplitudes × ``scale`` (its B), as rows of the diagnostics table: read from the sweep, which
+    measured both."""
+    rows = []
+    for label, at in ((NOISY_U, 0.0), (NOISY_B, scale)):
+        hit = sweep[(sweep["patch noise σ"] == sigma) & (sweep["amplitude scale"] == at)]
+        if len(hit) != 1:
+            raise ValueError(f"the sweep has {len(hit)} rows at patch noise σ {sigma:g} and amplitude × {at:g}; "
+                             f"it must measure that CLIP once (NOISY_SWEEP_SCALES).")
+        row = hit.iloc[0].drop(["patch noise σ", "amplitude scale"]).to_dict()
+        rows.append({"model": label, **row})
+    return rows
+
+
+#: ReCLIP++'s first epoch as the first-steps table follows it: a checkpoint every this many steps,
+#: each scored on the first this many validation images (300 of the lab's 1,000, which keeps the
+#: 16 checkpoints of each run quick to score)
+FIRST_STEPS_EVERY = 4
+FIRST_STEPS_VAL_IMAGES = 300
+
+
+def first_steps(labs: Mapping[str, Lab], seeds: Sequence[int] = SEEDS, every: int = FIRST_STEPS_EVERY,
+                val_images: int = FIRST_STEPS_VAL_IMAGES) -> pd.DataFrame:
+    """Each class's IoU over ReCLIP++'s first epoch on each lab's CLIP: the lab's run stopped after
+    one epoch (the same steps as the first epoch of the full run: same seed, views and learning
+    rate), with a checkpoint every ``every`` steps, each scored on ``val_images`` validation images."""
+    rows = []
+    for label, lab in labs.items():
+        for seed in seeds:
+            lab.train("reclip++_first_steps", kind="reclip++", seed=seed, epoch=1, checkpoint_every=every,
+                      keep_checkpoints=10_000)
+            checkpoints = lab.run_dir("reclip++_first_steps", seed) / "checkpoints"
+            for weights in sorted(checkpoints.glob("step*.safetensors")):
+                model = lab.model("reclip++")
+                load_model_weights(model, weights)
+                report = lab.evaluate(model.eval(), max_images=val_images, name=f"first steps {weights.stem}")
+                scores = report.metrics["reclip++"]["no_pd"]
+                rows.append({"CLIP": label, "seed": seed, "step": int(weights.stem.removeprefix("step")),
+                             "mIoU": float(scores.miou()),
+                             **dict(zip(lab.class_names, (100 * scores.iou()).tolist()))})
+    return pd.DataFrame(rows)
+
+
+def first_steps_figure(table: pd.DataFrame, seed: int) -> plt.Figure:
+    """One panel per CLIP: each class's IoU against the step, at ``seed``."""
+    clips = list(dict.fromkeys(table["CLIP"]))
+    classes = [c for c in table.columns if c not in ("CLIP", "seed", "step", "mIoU")]
+    fig, axes = plt.subplots(1, len(clips), figsize=(4.2 * len(clips), 3.2), sharey=True, squeeze=False)
+    for ax, clip in zip(axes[0], clips):
+        part = table[(table["CLIP"] == clip) & (table["seed"] == seed)]
+        for c in classes:
+            ax.plot(part["step"], part[c], label=c, linewidth=1.2)
+        ax.set_title(f"{clip} (seed {seed})", fontsize=9)
+        ax.set_xlabel("training step (first epoch)")
+    axes[0, 0].set_ylabel("IoU (%)")
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("ReCLIP++'s first epoch, class by class", fontsize=9)
+    return fig
 
 
 def share_of_noisy_gap(summary: pd.DataFrame) -> pd.DataFrame:
@@ -158,15 +227,15 @@ def run_diagnostics(seeds: Sequence[int] = SEEDS, device: str = "auto") -> Dict[
     biased = setup("toy", "known", device=device)
     unbiased = unbiased_lab(biased)
     planted, hw = planted_and_grid(biased)
-    labs: Dict[str, Lab] = {"unbiased": unbiased}
+    sweep = amplitude_sweep(biased, unbiased)  # first: the noisy world's U and B are two of its rows
+    labs: Dict[str, Lab] = {"unbiased": unbiased, "lab": biased}
     rows, per_class, learned = [], [], {}
     for row_label, (folder, model_label, where, scale, noise) in DIAGNOSTICS.items():
         if folder not in labs:
-            clip = plant_bias(load_config_clip(unbiased.cfg, unbiased.device), spec_with_noise(biased, noise),
-                              scale, where or "features")
-            labs[folder] = diagnostic_lab(biased, folder, clip)
+            labs[folder] = diagnostic_lab(biased, folder, diagnostic_clip(biased, unbiased, noise, scale,
+                                                                          where or "features"))
             if noise is not None:  # that world's own U and B, before its trained rows
-                rows += noisy_world_rows(biased, unbiased, labs[folder], noise)
+                rows += noisy_world_rows(sweep, noise["sigma"], scale)
         lab = labs[folder]
         own_map = planted if where is None else planted_map(lab.clip, hw).cpu()  # this CLIP's own B*
         for seed in seeds:
@@ -178,7 +247,6 @@ def run_diagnostics(seeds: Sequence[int] = SEEDS, device: str = "auto") -> Dict[
                 learned[f"{row_label} (seed {seed})"] = bmap
             per_class.append(rec)
             rows.append(row)
-    sweep = amplitude_sweep(biased, unbiased)
     preference = loss_preference({"no planted bias": unbiased, "planted bias": biased,
                                   "bias in the logits only": labs["logits_only"],
                                   "patch noise and planted bias × 0.85": labs["patch_noise"]})
@@ -199,13 +267,20 @@ def run_diagnostics(seeds: Sequence[int] = SEEDS, device: str = "auto") -> Dict[
                             "image's loss change when the class's tokens are given away")
     biased.save_table(sweep, "known_answer_amplitude_sweep", floatfmt=".3f",
                       title="MaskCLIP with the planted amplitudes scaled (training-free)")
+    steps = first_steps({"no planted bias": unbiased, "planted bias": biased}, seeds)
+    biased.save_table(steps, "known_answer_first_steps", floatfmt=".1f",
+                      title=f"ReCLIP++'s first epoch: mIoU and each class's IoU (%) at every {FIRST_STEPS_EVERY}th "
+                            f"step, on the first {FIRST_STEPS_VAL_IMAGES} validation images")
+    biased.save_figure(first_steps_figure(steps, seeds[0]), "known_answer_first_steps")
     save_maps_figure(planted, learned, biased.class_names, biased.results / "known_answer_diagnostic_maps.png")
     biased.save_json({"seeds": list(seeds), "diagnostics": {k: list(v) for k, v in DIAGNOSTICS.items()},
                       "sweep_scales": list(SWEEP_SCALES), "noisy_sweep_scales": list(NOISY_SWEEP_SCALES),
                       "patch_noise": PATCH_NOISE, "planted_bias": biased.clip.planted_bias_spec,
-                      "timings_s": [lab.timings for lab in (biased, *labs.values())],
+                      "first_steps": {"every": FIRST_STEPS_EVERY, "val_images": FIRST_STEPS_VAL_IMAGES},
+                      "timings_s": [lab.timings for lab in labs.values()],
                       "wall_s": round(time.perf_counter() - t0, 1)}, "known_answer_diagnostics")
-    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "learned": learned}
+    return {"runs": table, "summary": summary, "sweep": sweep, "loss_preference": preference, "learned": learned,
+            "first_steps": steps}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ("DIAGNOSTICS", "NOISY_B", "NOISY_SCALE", "NOISY_U", "PATCH_NOISE", "SWEEP_SCALES", "amplitude_sweep",
-           "class_terms", "diagnostic_lab", "loss_preference", "noisy_world_rows", "run_diagnostics",
+__all__ = ("DIAGNOSTICS", "FIRST_STEPS_EVERY", "FIRST_STEPS_VAL_IMAGES", "NOISY_B", "NOISY_SCALE", "NOISY_U",
+           "PATCH_NOISE", "SWEEP_SCALES", "amplitude_sweep", "class_terms", "diagnostic_clip", "diagnostic_lab",
+           "first_steps", "first_steps_figure", "loss_preference", "noisy_world_rows", "run_diagnostics",
            "share_of_noisy_gap")
 
 

@@ -219,12 +219,15 @@ class Lab:
         return model.eval()
 
     def evaluate(self, model: nn.Module, bias_grid: int = 4, examples: int = 0, progress: bool = False,
-                 name: Optional[str] = None, accumulators: Optional[Mapping[str, Sequence[Any]]] = None) -> EvalReport:
+                 name: Optional[str] = None, accumulators: Optional[Mapping[str, Sequence[Any]]] = None,
+                 max_images: Optional[int] = None) -> EvalReport:
         """Stream the validation split: mIoU (both definitions, PD on/off) and bias metrics per head;
-        ``accumulators``: further measurements per head (``evaluation.evaluate``)."""
+        ``accumulators``: further measurements per head (``evaluation.evaluate``); ``max_images``: the
+        first that many validation images (default: the config's ``max_val_images``)."""
         t0 = time.perf_counter()
+        max_images = max_images or self.cfg["max_val_images"]
         report = evaluation.evaluate(model, self.val, self.cfg["test_size"], self.cfg["pd_threshold"],
-                                     self.cfg["max_long_side"], max_images=self.cfg["max_val_images"],
+                                     self.cfg["max_long_side"], max_images=max_images,
                                      progress=progress, bias_grid=bias_grid, examples=examples,
                                      pd_scale=self.cfg["pd_scale"], upsampling=self.cfg["eval_upsampling"],
                                      resize=self.cfg["test_resize"], accumulators=accumulators)

@@ -219,7 +219,7 @@ def test_the_lab_trains_the_notebooks_runs(tmp_path, monkeypatch):
 def test_every_diagnostic_trains_a_model_of_the_lab():
     folders = {}
     for label, (folder, model_label, where, scale, noise) in known_answer_diagnostics.DIAGNOSTICS.items():
-        assert model_label in known_answer.MODELS, label
+        assert model_label in {**known_answer.MODELS, **known_answer.VARIANTS}, label
         assert (where is None or where in PlantedBias.WHERE) and (where is None) == (scale == 0.0)
         assert (noise is not None) == ("patch noise" in label), label  # the rows' share of U − B reads it
         assert folders.setdefault(folder, (where, scale, noise)) == (where, scale, noise), folder  # one CLIP a folder
