@@ -2,6 +2,7 @@
 
     python -m reclip_core.spread                 # every setting below, then the tables
     python -m reclip_core.spread --aggregate     # only re-read the finished runs
+    python -m reclip_core.spread --tolerances    # only re-derive spread.csv's tolerances from its ranges
 
 Training through a hard Gumbel argmax amplifies float differences: two CPUs that pick other
 kernels (AVX-512, AVX2, plain C) or another thread count (another reduction order) end at other
@@ -10,7 +11,8 @@ numbers. Each setting runs the notebooks (``reproduce``) into its own results tr
 
 - ``results/toy/spread.csv``: for every number of every table, the committed value, the range over
   the *machine* settings (seed 0) and mean/sd/range over the *seeds* (this machine's kernels);
-  ``tolerance`` is the machine range, at least half a unit of the table's printed precision.
+  ``tolerance`` is the wider of the machine range and the seed range, at least half a unit of the
+  table's printed precision (``tolerances``).
   ``tests/test_toy_results.py`` checks a test run's tables against it.
 - ``results/toy/spread_outputs.csv``: per notebook cell, whether every machine setting printed the
   same output (the cells nbval compares must be such cells).
@@ -37,8 +39,8 @@ from .atomic_io import atomic_write_files
 from .machine import cpu_model
 from .paths import RESULTS_DIR, ROOT, notebooks
 from .result_files import table_markdown
-from .result_tables import (KEY, WORLD, cell_outputs, decimals, long_form, result_tables, source_digest, stale,
-                            within_spread)
+from .result_tables import (KEY, SPREAD_CSV, WORLD, cell_outputs, decimals, long_form, result_tables, source_digest,
+                            stale, within_spread)
 
 WORK_DIR = ROOT / "work" / "spread"
 
@@ -141,9 +143,40 @@ def aggregate(runs: Mapping[Setting, pd.DataFrame], committed: pd.DataFrame) -> 
     out["seed_min"], out["seed_max"] = sd.min(axis=1), sd.max(axis=1)
     # a text cell (met/MISSED, yes/no) is checked when every machine setting printed the same text
     out["same_text"] = machine.astype(str).nunique(axis=1).eq(1) & ~numeric
-    floor = pd.Series([0.5 * 10.0 ** -decimals(t) for t in out.index.get_level_values("table")], index=out.index)
-    out["tolerance"] = np.where(numeric, np.maximum(out["machine_max"] - out["machine_min"], floor), np.nan)
-    return out.reset_index()
+    out = out.reset_index()
+    out["tolerance"] = tolerances(out)
+    return out
+
+
+def tolerances(table: pd.DataFrame) -> pd.Series:
+    """Per number of a spread table: how far another CPU may move it from the committed value.
+
+    The widest of the range over the machine settings, the range over the seeds, and half a unit
+    of the table's printed precision; NaN for a text cell. The seeds count because training through
+    a hard Gumbel argmax turns a last-bit difference into another run: a CPU whose kernels the
+    emulated settings do not cover (another vendor's MKL paths, say) lands where another seed
+    would, not necessarily inside the few machine runs measured.
+    """
+    numeric = pd.to_numeric(table["committed"], errors="coerce").notna()
+    machine = table["machine_max"] - table["machine_min"]
+    seeds = (table["seed_max"] - table["seed_min"]).fillna(0.0)
+    floor = table["table"].map(lambda name: 0.5 * 10.0 ** -decimals(name))
+    widest = np.maximum(np.maximum(machine, seeds), floor)
+    return pd.Series(np.where(numeric, widest, np.nan), index=table.index, name="tolerance")
+
+
+def rederive_tolerances(spread_csv: Path) -> List[str]:
+    """Rewrite only the ``tolerance`` column of a written spread table from the ranges it holds
+    (after the rule of ``tolerances`` changed), without the runs. Returns the numbers whose
+    tolerance changed."""
+    table = pd.read_csv(spread_csv, keep_default_na=False, na_values=[""])
+    new = tolerances(table)
+    old = table["tolerance"]
+    moved = [f"{r.table} row {r.row} ({r.label}), {r.column}: {o:.3g} -> {n:.3g}"
+             for r, o, n in zip(table.itertuples(), old, new) if not (np.isnan(n) and np.isnan(o)) and abs(n - o) > 1e-15]
+    table["tolerance"] = new
+    atomic_write_files({Path(spread_csv): table.to_csv(index=False)})
+    return moved
 
 
 def output_stability(settings: Sequence[Setting], work: Path) -> pd.DataFrame:
@@ -251,7 +284,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads to run at once")
     parser.add_argument("--aggregate", action="store_true", help="only read finished runs and write the tables")
     parser.add_argument("--only", nargs="*", help="setting names to (re)run, e.g. avx2-t1-s0")
+    parser.add_argument("--tolerances", action="store_true",
+                        help="only re-derive the tolerance column of results/toy/spread.csv from the ranges it holds")
     args = parser.parse_args(argv)
+    if args.tolerances:
+        if not SPREAD_CSV.is_file():
+            print(f"spread: no {SPREAD_CSV} to re-derive; run `make spread` first.", file=sys.stderr)
+            return 2
+        moved = rederive_tolerances(SPREAD_CSV)
+        print(f"[spread] {SPREAD_CSV}: {len(moved)} tolerances changed", *moved[:20], sep="\n  ")
+        return 0
     settings = default_settings()
     times = {}
     if not args.aggregate:
