@@ -170,10 +170,15 @@ def rederive_tolerances(spread_csv: Path) -> List[str]:
     (after the rule of ``tolerances`` changed), without the runs. Returns the numbers whose
     tolerance changed."""
     table = pd.read_csv(spread_csv, keep_default_na=False, na_values=[""])
+    lacking = [c for c in ("table", "committed", "machine_min", "machine_max", "seed_min", "seed_max", "tolerance")
+               if c not in table.columns]
+    if lacking:
+        raise ValueError(f"{spread_csv} has no column {', '.join(lacking)}: it was not written by `make spread`; "
+                         "run `make spread` to measure it again")
     new = tolerances(table)
     old = table["tolerance"]
     moved = [f"{r.table} row {r.row} ({r.label}), {r.column}: {o:.3g} -> {n:.3g}"
-             for r, o, n in zip(table.itertuples(), old, new) if not (np.isnan(n) and np.isnan(o)) and abs(n - o) > 1e-15]
+             for r, o, n in zip(table.itertuples(), old, new) if not np.isclose(n, o, rtol=0, atol=1e-15, equal_nan=True)]
     table["tolerance"] = new
     atomic_write_files({Path(spread_csv): table.to_csv(index=False)})
     return moved
@@ -291,7 +296,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not SPREAD_CSV.is_file():
             print(f"spread: no {SPREAD_CSV} to re-derive; run `make spread` first.", file=sys.stderr)
             return 2
-        moved = rederive_tolerances(SPREAD_CSV)
+        try:
+            moved = rederive_tolerances(SPREAD_CSV)
+        except ValueError as err:
+            print(f"spread: {err}", file=sys.stderr)
+            return 2
         print(f"[spread] {SPREAD_CSV}: {len(moved)} tolerances changed", *moved[:20], sep="\n  ")
         return 0
     settings = default_settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from reclip_core import spread
 
@@ -43,3 +44,12 @@ def test_rederiving_rewrites_only_the_tolerance_column(tmp_path):
     pd.testing.assert_frame_equal(after.drop(columns="tolerance"), before.drop(columns="tolerance"))
     assert after.tolerance.iloc[1] == 15.0
     assert spread.rederive_tolerances(path) == []  # a second pass changes nothing
+
+
+def test_a_table_without_the_ranges_is_refused_and_left_as_it_was(tmp_path):
+    path = tmp_path / "spread.csv"
+    _rows().drop(columns=["seed_min", "seed_max"]).to_csv(path, index=False)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"no column seed_min, seed_max.*run `make spread`"):
+        spread.rederive_tolerances(path)
+    assert path.read_bytes() == before
