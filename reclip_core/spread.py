@@ -168,7 +168,9 @@ def tolerances(table: pd.DataFrame) -> pd.Series:
 def rederive_tolerances(spread_csv: Path) -> List[str]:
     """Rewrite only the ``tolerance`` column of a written spread table from the ranges it holds
     (after the rule of ``tolerances`` changed), without the runs. Returns the numbers whose
-    tolerance changed."""
+    tolerance changed. A missing or foreign table is refused (ValueError) and left as it was."""
+    if not Path(spread_csv).is_file():
+        raise ValueError(f"no {spread_csv} to re-derive; run `make spread` first")
     table = pd.read_csv(spread_csv, keep_default_na=False, na_values=[""])
     lacking = [c for c in ("table", "committed", "machine_min", "machine_max", "seed_min", "seed_max", "tolerance")
                if c not in table.columns]
@@ -293,9 +295,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="only re-derive the tolerance column of results/toy/spread.csv from the ranges it holds")
     args = parser.parse_args(argv)
     if args.tolerances:
-        if not SPREAD_CSV.is_file():
-            print(f"spread: no {SPREAD_CSV} to re-derive; run `make spread` first.", file=sys.stderr)
-            return 2
         try:
             moved = rederive_tolerances(SPREAD_CSV)
         except ValueError as err:

@@ -53,3 +53,9 @@ def test_a_table_without_the_ranges_is_refused_and_left_as_it_was(tmp_path):
     with pytest.raises(ValueError, match=r"no column seed_min, seed_max.*run `make spread`"):
         spread.rederive_tolerances(path)
     assert path.read_bytes() == before
+
+
+def test_a_missing_table_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"no .*spread.csv to re-derive; run `make spread` first"):
+        spread.rederive_tolerances(tmp_path / "spread.csv")
+    assert not (tmp_path / "spread.csv").exists()

@@ -3,8 +3,9 @@
 nbval compares the printed outputs that are the same on every CPU; the numbers that training
 moves from one CPU to another are checked here, each within its tolerance in
 ``results/toy/spread.csv`` (the wider of the ranges over kernel levels and thread counts and over
-seeds that ``make spread`` measured). ``make test`` runs the notebooks into ``$RECLIP_RESULTS`` first (this module is ordered
-after them, see conftest) and sets ``RECLIP_REQUIRE_RESULTS=1`` so that a missing run fails.
+seeds that ``make spread`` measured). ``make test`` runs the notebooks into ``$RECLIP_RESULTS``
+first (this module is ordered after them, see conftest) and sets ``RECLIP_REQUIRE_RESULTS=1`` so
+that a missing run fails.
 """
 from __future__ import annotations
 
