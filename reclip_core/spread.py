@@ -11,8 +11,8 @@ numbers. Each setting runs the notebooks (``reproduce``) into its own results tr
 
 - ``results/toy/spread.csv``: for every number of every table, the committed value, the range over
   the *machine* settings (seed 0) and mean/sd/range over the *seeds* (this machine's kernels);
-  ``tolerance`` is the wider of the machine range and the seed range, at least half a unit of the
-  table's printed precision (``tolerances``).
+  ``tolerance`` lets a number lie anywhere in the range of all measured runs or within that
+  range's width beyond it (``tolerances``).
   ``tests/test_toy_results.py`` checks a test run's tables against it.
 - ``results/toy/spread_outputs.csv``: per notebook cell, whether every machine setting printed the
   same output (the cells nbval compares must be such cells).
@@ -151,18 +151,21 @@ def aggregate(runs: Mapping[Setting, pd.DataFrame], committed: pd.DataFrame) -> 
 def tolerances(table: pd.DataFrame) -> pd.Series:
     """Per number of a spread table: how far another CPU may move it from the committed value.
 
-    The widest of the range over the machine settings, the range over the seeds, and half a unit
-    of the table's printed precision; NaN for a text cell. The seeds count because training through
-    a hard Gumbel argmax turns a last-bit difference into another run: a CPU whose kernels the
-    emulated settings do not cover (another vendor's MKL paths, say) lands where another seed
-    would, not necessarily inside the few machine runs measured.
+    Every measured run counts, the machine settings' and the seeds' alike: through a hard Gumbel
+    argmax a last-bit difference makes another run, so a CPU whose kernels the emulated settings
+    do not cover (another vendor's MKL paths, say) lands where another seed would, and a chaotic
+    number's next run can land beyond all the runs measured so far. The allowed interval, the
+    committed value ± the tolerance, therefore holds the whole measured range and that range's
+    width again on either side (the width at least half a unit of the table's printed precision);
+    NaN for a text cell.
     """
-    numeric = pd.to_numeric(table["committed"], errors="coerce").notna()
-    machine = table["machine_max"] - table["machine_min"]
-    seeds = (table["seed_max"] - table["seed_min"]).fillna(0.0)
+    committed = pd.to_numeric(table["committed"], errors="coerce")
+    lo = np.fmin(np.fmin(table["machine_min"], table["seed_min"]), committed)
+    hi = np.fmax(np.fmax(table["machine_max"], table["seed_max"]), committed)
     floor = table["table"].map(lambda name: 0.5 * 10.0 ** -decimals(name))
-    widest = np.maximum(np.maximum(machine, seeds), floor)
-    return pd.Series(np.where(numeric, widest, np.nan), index=table.index, name="tolerance")
+    # committed ± tol ⊇ [lo − width, hi + width]
+    tol = np.maximum(hi - lo, floor) + np.maximum(committed - lo, hi - committed)
+    return pd.Series(np.where(committed.notna(), tol, np.nan), index=table.index, name="tolerance")
 
 
 def rederive_tolerances(spread_csv: Path) -> List[str]:

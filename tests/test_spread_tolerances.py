@@ -27,9 +27,10 @@ def _rows() -> pd.DataFrame:
     ], columns=COLUMNS)
 
 
-def test_tolerance_is_the_widest_measured_range_or_the_printed_precision():
+def test_tolerance_covers_every_measured_run_and_the_range_width_beyond():
     t = spread.tolerances(_rows())
-    assert t.iloc[0] == 20.0 and t.iloc[1] == 15.0
+    # [40, 60] and 20 beyond either side, around 50; [40, 55] and 15 beyond, around 50
+    assert t.iloc[0] == 30.0 and t.iloc[1] == 25.0
     assert math.isclose(t.iloc[2], 0.05) and math.isclose(t.iloc[3], 0.0005)
     assert math.isnan(t.iloc[4])
 
@@ -40,9 +41,9 @@ def test_rederiving_rewrites_only_the_tolerance_column(tmp_path):
     before = pd.read_csv(path, keep_default_na=False, na_values=[""])
     moved = spread.rederive_tolerances(path)
     after = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    assert len(moved) == 4 and "row 1 (b)" in moved[1] and "15" in moved[1]
+    assert len(moved) == 4 and "row 1 (b)" in moved[1] and "25" in moved[1]
     pd.testing.assert_frame_equal(after.drop(columns="tolerance"), before.drop(columns="tolerance"))
-    assert after.tolerance.iloc[1] == 15.0
+    assert after.tolerance.iloc[1] == 25.0
     assert spread.rederive_tolerances(path) == []  # a second pass changes nothing
 
 
